@@ -1,0 +1,26 @@
+"""Errors a person can act on. Jobs print their message as the last line on stderr.
+
+Kept free of pyspark/torch imports so every package can raise and catch them.
+"""
+
+from __future__ import annotations
+
+
+class TowerlakeError(Exception):
+    """Base class: the message says what happened and what to do about it."""
+
+
+class TableNotFoundError(TowerlakeError):
+    """A Delta table (or the asked-for version of it) does not exist."""
+
+
+class SchemaMismatchError(TowerlakeError):
+    """A write's columns do not match the table's columns."""
+
+
+class CommitConflictError(TowerlakeError):
+    """Another writer committed a conflicting change first; nothing of this write is visible."""
+
+
+class BadInputError(TowerlakeError):
+    """Input data is unusable as given (too many bad rows, missing columns, unreadable files)."""
