@@ -30,14 +30,20 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Literal
 from urllib.parse import quote, unquote
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import StructType
 
-from spark_features.delta_snapshot import deltars_location, open_table, resolve_snapshot, stats_json, table_exists
+from spark_features.delta_snapshot import (
+    deltars_location,
+    open_table,
+    resolve_snapshot,
+    stats_json,
+    table_exists,
+)
 from spark_features.errors import CommitConflictError, SchemaMismatchError, TableNotFoundError
 from spark_features.lake import to_local_path, to_uri
 
@@ -86,6 +92,7 @@ class DeltaLakeIO:
 
     spark: SparkSession
     engine: Engine = "auto"
+    max_records_per_file: int = 2_000_000  # Petastorm/row-group friendly files of ~10-100 MB
     resolved_engine: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -142,10 +149,8 @@ class DeltaLakeIO:
         """
         started = time.monotonic()
         staged = self.stage_write(df, table_uri, mode, partition_by, replace_where, overwrite_schema)
-        if self.resolved_engine == "native":
-            result = staged  # the native engine committed while writing
-        else:
-            result = self.commit_staged(staged)
+        # The native engine committed while writing; delta-rs commits the staged files now.
+        result = staged if self.resolved_engine == "native" else self.commit_staged(staged)
         return _with_seconds(result, time.monotonic() - started)
 
     def stage_write(
@@ -203,7 +208,7 @@ class DeltaLakeIO:
 
     # native engine -------------------------------------------------------
     def _write_native(self, df, uri, mode, partition_by, replace_where, overwrite_schema) -> WriteResult:
-        writer = df.write.format("delta").mode(mode)
+        writer = df.write.format("delta").mode(mode).option("maxRecordsPerFile", self.max_records_per_file)
         if partition_by:
             writer = writer.partitionBy(*partition_by)
         replaced = None
@@ -230,10 +235,10 @@ class DeltaLakeIO:
 
     # delta-rs engine -----------------------------------------------------
     def _stage_files(self, df, uri, mode, partition_by, replace_where, exists, read_version) -> StagedWrite:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         folder = f"{_STAGING_PREFIX}{stamp}-{uuid.uuid4().hex[:12]}"
         staging_uri = f"{uri}/{folder}"
-        writer = df.write.mode("errorifexists")
+        writer = df.write.mode("errorifexists").option("maxRecordsPerFile", self.max_records_per_file)
         if partition_by:
             writer = writer.partitionBy(*partition_by)
         try:
@@ -577,14 +582,14 @@ def _stat_value(value, arrow_type, round_up: bool = False):
     if pa.types.is_timestamp(arrow_type):
         if isinstance(value, datetime):
             if value.tzinfo is None:
-                value = value.replace(tzinfo=timezone.utc)
+                value = value.replace(tzinfo=UTC)
             # Delta's stats format for timestamps is UTC at millisecond precision; a max is
             # rounded UP so that data skipping never skips a file holding the true maximum.
             if round_up and value.microsecond % 1000:
                 from datetime import timedelta
 
                 value = value + timedelta(microseconds=1000 - value.microsecond % 1000)
-            return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+            return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
         return None
     if isinstance(value, date):
         return value.isoformat()

@@ -21,7 +21,7 @@ def _rows(n: int, offset: int = 0) -> list[tuple]:
     out = []
     for i in range(offset, offset + n):
         day = dt.date(2026, 1, 1 + i % 3)
-        ts = dt.datetime(2026, 1, 1 + i % 3, 12, 0, i % 60, tzinfo=dt.timezone.utc)
+        ts = dt.datetime(2026, 1, 1 + i % 3, 12, 0, i % 60, tzinfo=dt.UTC)
         out.append((f"u{i % 5}", i, ts, day, ["a", "b"][: i % 3], 1.5 * i))
     return out
 
@@ -36,7 +36,7 @@ def _key(row) -> tuple:
     if hasattr(ts, "to_pydatetime"):
         ts = ts.to_pydatetime()
     if ts.tzinfo is None:  # Spark returns naive datetimes in the session time zone (UTC here)
-        ts = ts.replace(tzinfo=dt.timezone.utc)
+        ts = ts.replace(tzinfo=dt.UTC)
     if hasattr(day, "date") and not isinstance(day, dt.date):
         day = day.date()
     return (user, int(n), ts, day, tuple(tags) if tags is not None else None, float(x))
@@ -71,7 +71,7 @@ def _read_all_paths(spark, io, uri, version=None) -> dict[str, list[tuple]]:
     duck = duckdb.sql(
         f"SELECT user_id, n, ts, event_date, tags, x FROM read_parquet({files!r}, hive_partitioning = true)"
     ).fetchall() if files else []
-    duck = [(u, n, ts.astimezone(dt.timezone.utc) if ts.tzinfo else ts, day if isinstance(day, dt.date) else
+    duck = [(u, n, ts.astimezone(dt.UTC) if ts.tzinfo else ts, day if isinstance(day, dt.date) else
              dt.date.fromisoformat(str(day)), tags, x) for u, n, ts, day, tags, x in duck]
     return {
         "spark": sorted(_key(r) for r in spark_rows),

@@ -1,0 +1,69 @@
+"""What every job shares: logging, timing lines, and the exit-code contract (DESIGN.md).
+
+Exit 0 only on success; otherwise non-zero with a one-line reason a person can act on as
+the LAST line on stderr (the traceback, for unexpected failures, before it). Exit codes:
+2 = bad input or configuration (fix and re-run), 1 = unexpected failure, 130 = interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+
+def default_lake() -> str:
+    """``--lake`` default: ``$TOWERLAKE_LAKE`` when set, else ``./lake``."""
+    return os.environ.get("TOWERLAKE_LAKE", "lake")
+
+
+def setup_logging(job: str) -> None:
+    logging.basicConfig(
+        level=os.environ.get("TOWERLAKE_LOG_LEVEL", "INFO"),
+        format=f"[{job} %(asctime)s] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+    for noisy in ("py4j", "pyspark"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextmanager
+def timed(label: str, say: Callable[[str], None] = print) -> Iterator[None]:
+    """Print how long a stage took when it finishes."""
+    start = time.monotonic()
+    yield
+    say(f"  [{label}] {time.monotonic() - start:.1f}s")
+
+
+def run_job(job: str, main: Callable[[], int | None]) -> None:
+    """Run ``main`` and exit with the contract above."""
+    from spark_features.errors import TowerlakeError
+
+    try:
+        code = main() or 0
+    except KeyboardInterrupt:
+        print(f"error: {job} interrupted; tables keep their last committed version", file=sys.stderr)
+        sys.exit(130)
+    except (TowerlakeError, ValueError) as err:
+        if os.environ.get("TOWERLAKE_DEBUG"):
+            traceback.print_exc()
+        print(f"error: {job}: {_one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        traceback.print_exc()
+        print(
+            f"error: {job} failed unexpectedly ({type(err).__name__}: {_one_line(err)[:300]}); "
+            "tables keep their last committed version; see the traceback above",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    sys.exit(code)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
