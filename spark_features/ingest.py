@@ -324,7 +324,7 @@ def _split_multi(col: Column, sep: str, source_type: T.DataType) -> Column:
     else:
         import re
 
-        tokens = F.transform(F.split(F.coalesce(col.cast("string"), F.lit("")), re.escape(sep)), F.trim)
+        tokens = F.transform(F.split(F.coalesce(col.cast("string"), F.lit("")), re.escape(sep)), lambda x: F.trim(x))
     return F.array_distinct(F.filter(tokens, lambda x: x.isNotNull() & (x != "")))
 
 
