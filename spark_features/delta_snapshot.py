@@ -126,7 +126,7 @@ def read_snapshot_arrow(snapshot: DeltaSnapshot, columns: list[str] | None = Non
     pieces = []
     for file_uri, part_values in zip(snapshot.files, snapshot.partition_values, strict=True):
         data_cols = [c for c in wanted if c not in snapshot.partition_columns]
-        piece = pq.read_table(_file_path(file_uri), columns=data_cols)
+        piece = pq.read_table(snapshot_file_path(file_uri), columns=data_cols)
         for col in snapshot.partition_columns:
             if col in wanted:
                 raw = part_values.get(col)
@@ -177,7 +177,8 @@ def _absolute_file_uri(table_uri: str, log_path: str) -> str:
     return f"{table_uri.rstrip('/')}/{raw}"
 
 
-def _file_path(file_uri: str) -> str:
+def snapshot_file_path(file_uri: str) -> str:
+    """Path that pyarrow opens for a snapshot file location (plain path for local files)."""
     if file_uri.startswith("file://"):
         return file_uri[len("file://") :]
     parsed = urlparse(file_uri)

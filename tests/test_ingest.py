@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 # (raw line, expected reason or None). Users u1,u2 and items i1,i2 exist.
 EVENT_LINES = [
