@@ -19,6 +19,8 @@ HOROVOD_VERSION=0.28.1
 RECBOLE_VERSION=1.2.1
 
 log() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+# pip, quietly: drop this machine's "Location ... is ignored" notes about unused local indexes.
+pipq() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
 command -v "$PY" >/dev/null || die "no $PY on PATH; set PYTHON=/path/to/python3.11"
@@ -39,8 +41,8 @@ start=$(date +%s)
 setup_airflow() {
   [[ ${TOWERLAKE_SKIP_AIRFLOW:-0} == 1 ]] && { log "airflow env skipped (TOWERLAKE_SKIP_AIRFLOW=1)"; return 0; }
   [[ -x $AF_VENV/bin/python ]] || "$PY" -m venv "$AF_VENV"
-  "$AF_VENV/bin/pip" install -q --upgrade pip
-  "$AF_VENV/bin/pip" install -q -r requirements/airflow.txt
+  pipq "$AF_VENV/bin/pip" install -q --upgrade pip
+  pipq "$AF_VENV/bin/pip" install -q -r requirements/airflow.txt
   "$AF_VENV/bin/airflow" version >/dev/null
 }
 
@@ -53,13 +55,16 @@ log "airflow env: installing in the background ($AF_VENV)"
 
 log "pipeline env: $VENV"
 [[ -x $VENV/bin/python ]] || "$PY" -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip
+pipq "$VENV/bin/pip" install -q --upgrade pip
 # torch first, by exact version: pip takes the machine's local CPU wheel (find-links).
-"$VENV/bin/pip" install -q torch==2.13.0
-"$VENV/bin/pip" install -q -e ".[dev]"
+pipq "$VENV/bin/pip" install -q torch==2.13.0
+pipq "$VENV/bin/pip" install -q -e ".[dev]"
 # recbole only for the MovieLens-100K files inside its wheel: --no-deps keeps its (torch,
 # scipy, ...) requirements out, and nothing here ever imports recbole.
-"$VENV/bin/pip" install -q --no-deps "recbole==$RECBOLE_VERSION"
+# (pip then warns that recbole's own requirements are missing: expected, so that is hidden.)
+RB_LOG=$(mktemp)
+"$VENV/bin/pip" install -q --no-deps "recbole==$RECBOLE_VERSION" >"$RB_LOG" 2>&1 || { cat "$RB_LOG" >&2; die "recbole install failed"; }
+rm -f "$RB_LOG"
 log "pipeline env: python packages installed"
 
 if [[ ${TOWERLAKE_SKIP_HOROVOD:-0} == 1 ]]; then
@@ -70,11 +75,11 @@ else
   log "horovod $HOROVOD_VERSION: building with the C++17 wrapper (about 8 min on 2 cores the first time; pip caches the wheel)"
   # --no-build-isolation: Horovod's build must see the installed torch. pip caches the
   # built wheel (~/.cache/pip/wheels), so a later setup on this machine reuses it.
-  "$VENV/bin/pip" install -q cmake==3.31.6 packaging cloudpickle psutil pyyaml
+  pipq "$VENV/bin/pip" install -q cmake==3.31.6 packaging cloudpickle psutil pyyaml
   CXX=$ROOT/scripts/cxx17 CC=gcc MAKEFLAGS=-j$(nproc) \
     HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
     HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo \
-    "$VENV/bin/pip" install -q --no-build-isolation "horovod[pytorch]==$HOROVOD_VERSION" \
+    pipq "$VENV/bin/pip" install -q --no-build-isolation "horovod[pytorch]==$HOROVOD_VERSION" \
     || die "horovod build failed; see the pip output above (TOWERLAKE_SKIP_HOROVOD=1 skips it)"
   "$VENV/bin/python" -c "import horovod.torch" || die "horovod built but does not import"
 fi

@@ -363,10 +363,24 @@ def validate_entity(parsed: DataFrame, spec: EntitySpec) -> DataFrame:
     return frame.withColumn(DETAIL, detail).withColumn(REASON, reason).drop("_tl_content", "_tl_versions", "_tl_copy")
 
 
+ROLE_KEY = "towerlake_role"  # Spark/Delta column metadata: what a bronze column means
+
+
 def to_bronze_entity(validated: DataFrame, spec: EntitySpec) -> DataFrame:
+    """Valid rows: the id plus every mapped attribute, each tagged with its role
+    (categorical, numeric, multi_valued, text) in the column metadata, so the features job
+    knows what to do with a column without a second mapping."""
+    roles = {**{c: "categorical" for c in spec.categorical}, **{c: "numeric" for c in spec.numeric},
+             **{c: "multi_valued" for c in spec.multi_valued}, **{c: "text" for c in spec.text}}
     return validated.filter(F.col(REASON).isNull()).select(
-        F.col("_p_id").alias(spec.id_column), *[F.col(f"_p_{c}").alias(c) for c in spec.attribute_columns]
+        F.col("_p_id").alias(spec.id_column, metadata={ROLE_KEY: "id"}),
+        *[F.col(f"_p_{c}").alias(c, metadata={ROLE_KEY: roles[c]}) for c in spec.attribute_columns],
     )
+
+
+def column_roles(schema: T.StructType) -> dict[str, str]:
+    """{column: role} of a bronze users/items schema (columns without a role are skipped)."""
+    return {f.name: f.metadata[ROLE_KEY] for f in schema.fields if ROLE_KEY in (f.metadata or {})}
 
 
 def _apply_checks(

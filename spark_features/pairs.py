@@ -1,0 +1,102 @@
+"""Indexed events -> point-in-time training pairs and time-based splits (pure transforms).
+
+Point-in-time correctness (DESIGN.md decision 6): a pair's history holds only events
+STRICTLY before the pair's event time, so other events at the same timestamp are never in
+it. Ordering ties: events of one user are ordered by (event_ts, item_idx); that order decides
+which of several same-second positives is "the last" for leave-last-out.
+
+``hist``: array<int> of exactly N item indices, most recent first, 0-padded at the end.
+``prior_events``: how many events of the user happened strictly before this one.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql.window import Window
+
+SPLITS = ("train", "valid", "test")
+
+
+def label_positives(events: DataFrame, label_min_rating: float | None) -> DataFrame:
+    """Adds ``is_positive``: every event, or those with rating >= the threshold."""
+    if label_min_rating is None:
+        return events.withColumn("is_positive", F.lit(True))
+    return events.withColumn("is_positive", F.coalesce(F.col("rating") >= F.lit(label_min_rating), F.lit(False)))
+
+
+def max_same_time_events(events: DataFrame) -> int:
+    """Largest number of one user's events sharing one timestamp (a scalar)."""
+    row = events.groupBy("user_idx", "event_ts").count().agg(F.max("count").alias("m")).collect()[0]
+    return int(row["m"] or 1)
+
+
+def with_history(events: DataFrame, history_length: int, max_ties: int) -> DataFrame:
+    """Adds ``hist`` (N most recent earlier items, most recent first, 0-padded), ``hist_len``
+    and ``prior_events`` to every event of ``events`` (user_idx, item_idx, event_ts, ...).
+
+    The frame looks back N + max_ties - 1 rows, so even when same-time events precede this
+    one in the tie order, at least N strictly-earlier events are in reach. Cost is
+    O(events x (N + max_ties)), independent of how many events a user has.
+    """
+    n = history_length
+    lookback = n + max(max_ties, 1) - 1
+    by_user = Window.partitionBy("user_idx").orderBy("event_ts", "item_idx")
+    frame = by_user.rowsBetween(-lookback, -1)
+    recent = F.collect_list(F.struct(F.col("event_ts").alias("ts"), F.col("item_idx").alias("item"))).over(frame)
+    earlier = F.filter(recent, lambda e: e["ts"] < F.col("event_ts"))
+    last_n = F.slice(earlier, F.greatest(F.size(earlier) - F.lit(n) + 1, F.lit(1)), n)
+    items = F.reverse(F.transform(last_n, lambda e: e["item"]))
+    padded = F.concat(items, F.array_repeat(F.lit(0), F.lit(n) - F.size(items)))
+    prior = F.rank().over(Window.partitionBy("user_idx").orderBy("event_ts")) - 1
+    return (
+        events.withColumn("_tl_recent", recent)
+        .withColumn("hist", padded.cast("array<int>"))
+        .withColumn("hist_len", F.size(items).cast("int"))
+        .withColumn("prior_events", prior.cast("long"))
+        .drop("_tl_recent")
+    )
+
+
+def pair_id_column() -> F.Column:
+    """Stable id of a pair: hash of (user_idx, item_idx, event_ts, rating)."""
+    return F.xxhash64("user_idx", "item_idx", "event_ts", "rating")
+
+
+def assign_leave_last_out(positives: DataFrame, min_positives: int) -> DataFrame:
+    """``split``: a user's last positive is test, the one before valid, the rest train, for
+    users with at least ``min_positives`` positives (others: all train)."""
+    latest_first = Window.partitionBy("user_idx").orderBy(F.col("event_ts").desc(), F.col("item_idx").desc())
+    per_user = Window.partitionBy("user_idx")
+    rank = F.row_number().over(latest_first)
+    count = F.count(F.lit(1)).over(per_user)
+    split = (
+        F.when(count < min_positives, F.lit("train"))
+        .when(rank == 1, F.lit("test"))
+        .when(rank == 2, F.lit("valid"))
+        .otherwise(F.lit("train"))
+    )
+    return positives.withColumn("split", split)
+
+
+def assign_time_split(positives: DataFrame, time_cut: datetime, valid_cut: datetime | None) -> DataFrame:
+    """``split`` by a global time cut: [valid_cut, time_cut) valid, >= time_cut test."""
+    ts = F.col("event_ts")
+    split = F.when(ts >= F.lit(time_cut), F.lit("test"))
+    if valid_cut is not None:
+        split = split.when(ts >= F.lit(valid_cut), F.lit("valid"))
+    return positives.withColumn("split", split.otherwise(F.lit("train")))
+
+
+def seen_before(holdout: DataFrame, events: DataFrame) -> DataFrame:
+    """(pair_id, seen_items): every distinct item the user interacted with strictly before the
+    holdout pair's event, sorted, for excluding already-seen items at evaluation time."""
+    h = holdout.select("pair_id", "user_idx", F.col("event_ts").alias("_tl_at"))
+    e = events.select("user_idx", F.col("item_idx").alias("_tl_item"), F.col("event_ts").alias("_tl_ts"))
+    joined = h.join(e, "user_idx").where(F.col("_tl_ts") < F.col("_tl_at"))
+    seen = joined.groupBy("pair_id").agg(F.array_sort(F.collect_set("_tl_item")).cast("array<int>").alias("seen_items"))
+    return holdout.select("pair_id").join(seen, "pair_id", "left").select(
+        "pair_id", F.coalesce("seen_items", F.array().cast("array<int>")).alias("seen_items")
+    )
