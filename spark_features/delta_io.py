@@ -29,12 +29,13 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from typing import Literal
 from urllib.parse import quote, unquote
 
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
 from spark_features.delta_snapshot import (
@@ -141,17 +142,76 @@ class DeltaLakeIO:
         partition_by: list[str] | None = None,
         replace_where: ReplaceWhere = None,
         overwrite_schema: bool = False,
+        options: dict[str, str] | None = None,
     ) -> WriteResult:
         """Write ``df`` to the Delta table at ``table_uri`` as one atomic commit.
+
+        ``options`` are passed to Spark's Parquet writer (e.g. ``{"parquet.block.size":
+        str(8 << 20)}`` for 8 MiB row groups).
 
         Raises ``SchemaMismatchError`` (columns differ from the table's), ``CommitConflictError``
         (a concurrent writer won), ``ValueError`` (bad arguments).
         """
         started = time.monotonic()
-        staged = self.stage_write(df, table_uri, mode, partition_by, replace_where, overwrite_schema)
+        staged = self.stage_write(df, table_uri, mode, partition_by, replace_where, overwrite_schema, options)
         # The native engine committed while writing; delta-rs commits the staged files now.
         result = staged if self.resolved_engine == "native" else self.commit_staged(staged)
         return _with_seconds(result, time.monotonic() - started)
+
+    def upsert(self, updates: DataFrame, table_uri: str, key: list[str]) -> WriteResult:
+        """MERGE ``updates`` into the table by ``key``: matching rows are replaced, new keys
+        inserted, every other row kept, in ONE commit. A missing table is created.
+
+        delta-rs engine: copy-on-write at file granularity. Only the files that hold a key
+        of ``updates`` are rewritten (their other rows carried over); the commit removes them
+        and adds the new files, planned against the version that was read, so a concurrent
+        writer touching the same table makes this fail with ``CommitConflictError``.
+        ``updates`` must not repeat a key (that would be ambiguous): ``ValueError``.
+        """
+        started = time.monotonic()
+        uri = to_uri(table_uri)
+        missing = [c for c in key if c not in updates.columns]
+        if missing:
+            raise ValueError(f"upsert key {missing} not in the updates' columns {updates.columns}")
+        dupes = updates.groupBy(*key).count().where("count > 1").limit(1).collect()
+        if dupes:
+            raise ValueError(f"upsert into {uri}: updates repeat key {dict(dupes[0].asDict())}; "
+                             "deduplicate them first")
+        if not table_exists(uri):
+            return self.write_table(updates, uri, mode="overwrite")
+        if self.resolved_engine == "native":
+            from delta.tables import DeltaTable as SparkDeltaTable
+
+            condition = " AND ".join(f"t.`{c}` = s.`{c}`" for c in key)
+            (SparkDeltaTable.forPath(self.spark, uri).alias("t").merge(updates.alias("s"), condition)
+             .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+            version = open_table(uri).version()
+            return WriteResult(uri, version, "native", "merge", 0, 0, seconds=time.monotonic() - started)
+
+        snapshot = resolve_snapshot(uri)
+        if snapshot.partition_columns:
+            raise ValueError(f"upsert supports unpartitioned tables; {uri} is partitioned by "
+                             f"{list(snapshot.partition_columns)}")
+        existing = StructType.fromJson(_json(snapshot.schema_json))
+        check_schema_compatible(existing, updates.schema, uri)
+        updates = updates.select(*existing.names)
+        current = self.read_table(uri, snapshot.version).withColumn("_tl_file", F.input_file_name())
+        keys = updates.select(*key).distinct()
+        touched_names = {
+            r["_tl_file"].rsplit("/", 1)[-1]
+            for r in current.join(keys, key, "left_semi").select("_tl_file").distinct().collect()  # file names only
+        }
+        touched = [f for f in snapshot.files if f.rsplit("/", 1)[-1] in touched_names]
+        kept_rows = self.spark.createDataFrame([], existing)
+        if touched:
+            kept_rows = (self.spark.read.schema(existing).parquet(*touched)
+                         .join(keys, key, "left_anti").select(*existing.names))
+        rewritten = kept_rows.unionByName(updates).coalesce(max(1, len(touched)))
+        staged = self._stage_files(rewritten, uri, "append", [], None, True, snapshot.version)
+        removes = [_remove_action(uri, f) for f in touched]
+        staged = replace(staged, removes=removes)
+        result = self.commit_staged(staged)
+        return replace(result, mode="merge", seconds=time.monotonic() - started)
 
     def stage_write(
         self,
@@ -161,6 +221,7 @@ class DeltaLakeIO:
         partition_by: list[str] | None = None,
         replace_where: ReplaceWhere = None,
         overwrite_schema: bool = False,
+        options: dict[str, str] | None = None,
     ):
         """First half of a write: check the schema and write the data files, commit nothing.
 
@@ -203,12 +264,13 @@ class DeltaLakeIO:
             df = df.select(*existing.names) if not (full_overwrite and overwrite_schema) else df
 
         if self.resolved_engine == "native":
-            return self._write_native(df, uri, mode, partition_by, replace_where, overwrite_schema)
-        return self._stage_files(df, uri, mode, partition_by, replace_where, exists, read_version)
+            return self._write_native(df, uri, mode, partition_by, replace_where, overwrite_schema, options)
+        return self._stage_files(df, uri, mode, partition_by, replace_where, exists, read_version, options)
 
     # native engine -------------------------------------------------------
-    def _write_native(self, df, uri, mode, partition_by, replace_where, overwrite_schema) -> WriteResult:
+    def _write_native(self, df, uri, mode, partition_by, replace_where, overwrite_schema, options=None) -> WriteResult:
         writer = df.write.format("delta").mode(mode).option("maxRecordsPerFile", self.max_records_per_file)
+        writer = writer.options(**(options or {}))
         if partition_by:
             writer = writer.partitionBy(*partition_by)
         replaced = None
@@ -234,11 +296,13 @@ class DeltaLakeIO:
         )
 
     # delta-rs engine -----------------------------------------------------
-    def _stage_files(self, df, uri, mode, partition_by, replace_where, exists, read_version) -> StagedWrite:
+    def _stage_files(self, df, uri, mode, partition_by, replace_where, exists, read_version,
+                     options=None) -> StagedWrite:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         folder = f"{_STAGING_PREFIX}{stamp}-{uuid.uuid4().hex[:12]}"
         staging_uri = f"{uri}/{folder}"
         writer = df.write.mode("errorifexists").option("maxRecordsPerFile", self.max_records_per_file)
+        writer = writer.options(**(options or {}))
         if partition_by:
             writer = writer.partitionBy(*partition_by)
         try:
@@ -321,7 +385,7 @@ class DeltaLakeIO:
     @staticmethod
     def _commit_existing(table, staged, schema, filters, props) -> None:
         table.create_write_transaction(
-            staged.adds,
+            [*staged.adds, *staged.removes],
             staged.mode,
             schema,
             partition_by=staged.partition_by or None,
@@ -343,6 +407,7 @@ class StagedWrite:
     adds: list
     table_existed: bool
     read_version: int | None
+    removes: tuple = ()  # RemoveActions committed with the adds (upsert)
 
 
 def native_delta_available(spark: SparkSession) -> bool:
@@ -391,9 +456,20 @@ def _spark_path(uri: str) -> str:
 
 
 def _with_seconds(result: WriteResult, seconds: float) -> WriteResult:
-    from dataclasses import replace
-
     return replace(result, seconds=seconds)
+
+
+def _remove_action(table_uri: str, file_location: str):
+    """RemoveAction for a snapshot file (given as resolve_snapshot lists it)."""
+    import os
+
+    from deltalake.transaction import RemoveAction
+
+    local = to_local_path(table_uri)
+    path = file_location.removeprefix("file://")
+    relative = os.path.relpath(path, local) if local is not None else file_location[len(table_uri) + 1:]
+    size = os.path.getsize(path) if local is not None else None
+    return RemoveAction(path=relative, data_change=True, deletion_timestamp=int(time.time() * 1000), size=size)
 
 
 def _rows_of(add) -> int:

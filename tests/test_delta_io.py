@@ -291,3 +291,28 @@ def test_snapshot_module_imports_without_pyspark():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+def test_upsert_replaces_matching_keys_inserts_new_ones_and_rewrites_only_touched_files(spark, io, tmp_path):
+    from spark_features.delta_snapshot import resolve_snapshot
+
+    uri = str(tmp_path / "t")
+    base = spark.createDataFrame([(i, f"v{i}") for i in range(1, 7)], "id long, v string")
+    io.write_table(base.repartition(3, "id"), uri)
+    before = resolve_snapshot(uri)
+    updates = spark.createDataFrame([(2, "changed"), (7, "new")], "id long, v string")
+    result = io.upsert(updates, uri, key=["id"])
+    assert result.version == 1 and result.mode == "merge"
+    rows = sorted(tuple(r) for r in io.read_table(uri).collect())
+    assert rows == [(1, "v1"), (2, "changed"), (3, "v3"), (4, "v4"), (5, "v5"), (6, "v6"), (7, "new")]
+    after = resolve_snapshot(uri)
+    holder_of_2 = next(
+        f for f in before.files if 2 in [r.id for r in spark.read.parquet(f).collect()]
+    )
+    # Every file that did not hold key 2 is still part of the table, untouched.
+    assert set(before.files) - {holder_of_2} <= set(after.files)
+    assert holder_of_2 not in after.files
+    assert sorted(tuple(r) for r in io.read_table(uri, version=0).collect()) == [(i, f"v{i}") for i in range(1, 7)]
+
+    with pytest.raises(ValueError, match="updates repeat key"):
+        io.upsert(spark.createDataFrame([(1, "a"), (1, "b")], "id long, v string"), uri, key=["id"])

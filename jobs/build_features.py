@@ -1,0 +1,196 @@
+"""Build vocabularies, feature tables and training pairs from the bronze tables.
+
+Modes:
+  full         (nightly) rebuild features/* and pairs/{train,valid,test} from all of bronze
+  incremental  (hourly / daily) only one window's new events: append new ids to the
+               vocabularies, MERGE the changed users/items into features/*, write that
+               window's pairs to its own partition of pairs/incremental
+
+Examples:
+  python -m jobs.build_features --prefix users.zip_code:3
+  python -m jobs.build_features --label-min-rating 4 --negatives random:4,popularity:2,hard:2
+  python -m jobs.build_features --split time --cut 1998-03-01 --valid-cut 1998-02-15
+  python -m jobs.build_features --mode incremental --hour 2026-01-05T13
+  spark-submit jobs/build_features.py --mode incremental --date 2026-01-05
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+if __package__ in (None, ""):  # spark-submit jobs/build_features.py runs this file as a script
+    import os
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jobs.cli import default_lake, run_job, setup_logging
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """The typed configuration of one build_features run."""
+
+    lake: str
+    mode: Literal["full", "incremental"]
+    window_start: datetime | None
+    window_end: datetime | None
+    as_of: datetime | None
+    engine: str
+    master: str | None
+    features: object  # spark_features.feature_config.FeatureConfig (imported lazily)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("full", "incremental"):
+            raise ValueError(f"--mode must be 'full' or 'incremental', got {self.mode!r}")
+        if self.mode == "incremental" and self.window_start is None:
+            raise ValueError("--mode incremental needs --hour YYYY-MM-DDTHH or --date YYYY-MM-DD")
+        if self.mode == "full" and self.window_start is not None:
+            raise ValueError("--hour/--date only apply to --mode incremental")
+
+    @property
+    def window_key(self) -> str:
+        """Partition name of an incremental window: '2026-01-05T13' (hour) or '2026-01-05' (day)."""
+        assert self.window_start is not None and self.window_end is not None
+        if self.window_end - self.window_start == timedelta(hours=1):
+            return self.window_start.strftime("%Y-%m-%dT%H")
+        return self.window_start.strftime("%Y-%m-%d")
+
+
+def _utc(text: str, fmt: str) -> datetime:
+    try:
+        return datetime.strptime(text, fmt).replace(tzinfo=UTC)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected {fmt.replace('%', '')}, got {text!r}") from err
+
+
+def _hour(text: str) -> datetime:
+    return _utc(text, "%Y-%m-%dT%H")
+
+
+def _day(text: str) -> datetime:
+    return _utc(text, "%Y-%m-%d")
+
+
+def _moment(text: str) -> datetime:
+    for fmt in ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H", "%Y-%m-%d"):
+        try:
+            return _utc(text, fmt)
+        except argparse.ArgumentTypeError:
+            continue
+    raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD[THH[:MM:SS]] (UTC), got {text!r}")
+
+
+def _prefix(text: str) -> tuple[str, int]:
+    column, _, length = text.rpartition(":")
+    if not column or not length.isdigit():
+        raise argparse.ArgumentTypeError(f"expected TABLE.COLUMN:LENGTH like users.zip_code:3, got {text!r}")
+    return column, int(length)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.build_features", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lake", default=default_lake(), help="lake root (default: $TOWERLAKE_LAKE or ./lake)")
+    p.add_argument("--mode", choices=("full", "incremental"), default="full")
+    window = p.add_mutually_exclusive_group()
+    window.add_argument("--hour", type=_hour, help="incremental window: one UTC hour, YYYY-MM-DDTHH")
+    window.add_argument("--date", type=_day, help="incremental window: one UTC day, YYYY-MM-DD (backfills)")
+    p.add_argument("--as-of", type=_moment, help="full mode: ignore events at/after this UTC time "
+                   "(default: just after the last event)")
+    p.add_argument("--history-length", type=int, default=50, help="items of point-in-time history per pair")
+    p.add_argument("--label-min-rating", type=float, help="positives are ratings >= this (default: every interaction)")
+    p.add_argument("--split", choices=("leave-last-out", "time"), default="leave-last-out")
+    p.add_argument("--min-positives", type=int, default=3, help="leave-last-out: users with fewer keep all in train")
+    p.add_argument("--cut", type=_moment, help="--split time: test = events at/after this UTC time")
+    p.add_argument("--valid-cut", type=_moment, help="--split time: valid = events in [valid-cut, cut)")
+    p.add_argument("--negatives", default="random:4,popularity:2,hard:2",
+                   help="offline negatives per positive, KIND:COUNT,... over random|popularity|hard, or none")
+    p.add_argument("--id-min-count", type=int, default=1, help="ids seen fewer times map to unknown (0)")
+    p.add_argument("--min-count", type=int, default=1, help="categorical values seen fewer times map to unknown (0)")
+    p.add_argument("--buckets", type=int, default=10, help="quantile buckets per numeric attribute")
+    p.add_argument("--prefix", type=_prefix, action="append", default=[],
+                   help="derived categorical: TABLE.COLUMN:LENGTH, e.g. users.zip_code:3 (repeatable)")
+    p.add_argument("--primary-category", help="items column holding the primary category (default: auto)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", choices=("auto", "native", "delta-rs"), default="auto")
+    p.add_argument("--master", help="Spark master (default: spark-submit's, else local[*])")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> BuildConfig:
+    a = build_parser().parse_args(argv)
+    from spark_features.feature_config import FeatureConfig
+    from spark_features.negatives import parse_negative_specs
+
+    parse_negative_specs(a.negatives)  # fail fast on a typo, before Spark starts
+    features = FeatureConfig(
+        id_min_count=a.id_min_count, categorical_min_count=a.min_count, numeric_buckets=a.buckets,
+        history_length=a.history_length, label_min_rating=a.label_min_rating, split=a.split,
+        min_positives_for_holdout=a.min_positives, time_cut=a.cut, valid_cut=a.valid_cut,
+        negatives=a.negatives, seed=a.seed, prefix_columns=dict(a.prefix), primary_category=a.primary_category,
+    )
+    start = a.hour or a.date
+    end = None if start is None else start + (timedelta(hours=1) if a.hour else timedelta(days=1))
+    return BuildConfig(lake=a.lake, mode=a.mode, window_start=start, window_end=end, as_of=a.as_of,
+                       engine=a.engine, master=a.master, features=features)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+    setup_logging("build_features")
+    from jobs.spark_context import build_spark_session
+    from spark_features.delta_io import DeltaLakeIO
+    from spark_features.lake import Lake
+
+    lake = Lake(config.lake)
+    print(f"build_features: mode={config.mode} lake={lake.root}"
+          + (f" window={config.window_key}" if config.mode == "incremental" else ""))
+    spark = build_spark_session("towerlake-build-features", master=config.master)
+    try:
+        io = DeltaLakeIO(spark, engine=config.engine)
+        if config.mode == "full":
+            from spark_features.training_data import build_training_data
+
+            report = build_training_data(spark, io, lake, config.features, as_of=config.as_of)
+            _print_full(report)
+        else:
+            from spark_features.incremental import build_incremental
+
+            report = build_incremental(spark, io, lake, config.features, config.window_start, config.window_end,
+                                       config.window_key)
+            _print_incremental(report)
+    finally:
+        spark.stop()
+    return 0
+
+
+def _print_full(report) -> None:
+    print(f"as of {report.as_of.isoformat()}; vocab sizes (incl. index 0): "
+          + ", ".join(f"{k}={v.size:,}" for k, v in report.vocabs.items()))
+    print("wrote:")
+    for name, result in report.written.items():
+        print(f"  {name}: {result.rows_written:,} rows -> version {result.version} ({result.files_added} files)")
+    if report.holdout_users:
+        print(f"leave-last-out: {report.holdout_users:,} users have a test (and valid) pair")
+    for split, mix in sorted(report.negative_mix.items()):
+        print(f"negatives in pairs/{split}: " + ", ".join(f"{k}={v:,}" for k, v in sorted(mix.items())))
+    print(f"done in {sum(report.stage_seconds.values()):.1f}s")
+
+
+def _print_incremental(report) -> None:
+    if report.events == 0:
+        print(f"window {report.window}: no events; nothing changed")
+        return
+    print(f"window {report.window}: {report.events:,} events, {report.pairs:,} pairs, "
+          f"new ids: users={report.new_users:,} items={report.new_items:,}")
+    for name, result in report.written.items():
+        print(f"  {name}: {result.rows_written:,} rows -> version {result.version} ({result.mode})")
+    print(f"done in {sum(report.stage_seconds.values()):.1f}s")
+
+
+if __name__ == "__main__":
+    run_job("build_features", lambda: main(sys.argv[1:]))
