@@ -275,10 +275,11 @@ def validate_interactions(
     if known_item_ids is not None:
         frame = _flag_unknown(frame, "_p_item_id", known_item_ids, "unknown_item")
 
-    # Exact repeats of an otherwise valid event: keep the first copy (by raw content, so the
-    # choice is deterministic), quarantine the rest.
+    # Exact repeats of an otherwise valid event: keep the first copy (ordered by a hash of the
+    # raw row: copies that differ elsewhere are told apart deterministically, identical copies
+    # are interchangeable), quarantine the rest.
     key = ["_p_user_id", "_p_item_id", "_p_event_ts", "_p_rating"]
-    order = F.to_json(F.struct(*[F.col(c) for c in parsed.columns if not c.startswith("_p_")]))
+    order = F.xxhash64(*[F.col(f"`{c}`") for c in parsed.columns if not c.startswith("_p_")])
     window = Window.partitionBy(F.col(REASON).isNull(), *key).orderBy(order)
     copy_number = F.row_number().over(window)
     return frame.withColumn(
