@@ -46,6 +46,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, get_args
 
 from pyspark.sql import Column, DataFrame, Window
@@ -369,7 +370,7 @@ class _DrawPlan:
         a lookup key, so all kinds share one explode and one broadcast join. ``draw_key =
         attempt * draws_per_attempt + draw`` orders a (pair, kind)'s draws.
         """
-        per_attempt = F.col("need").cast("long") * self.oversample
+        per_attempt = self._per_attempt
         exploded = requests.crossJoin(F.broadcast(self.catalog.sizes)).select(
             *_REQUEST_COLUMNS,
             "categories",
@@ -379,7 +380,7 @@ class _DrawPlan:
                 "draw_key"
             ),
         )
-        keyed = exploded.select(*_REQUEST_COLUMNS, "draw_key", *self._lookup_key(per_attempt))
+        keyed = exploded.select(*_REQUEST_COLUMNS, "draw_key", *self._lookup_key)
         point = F.col("cdf_point")
         return (
             keyed.join(F.broadcast(self.catalog.lookup), ["lookup_space", "lookup_group", "lookup_slot"])
@@ -402,13 +403,20 @@ class _DrawPlan:
         )
         return F.shiftrightunsigned(hashed, 11).cast("double") * (1.0 / 2**53)
 
-    def _lookup_key(self, per_attempt: Column) -> list[Column]:
+    @cached_property
+    def _per_attempt(self) -> Column:
+        """long Column: draws per attempt of a request, ``need * oversample``."""
+        return F.col("need").cast("long") * self.oversample
+
+    @cached_property
+    def _lookup_key(self) -> list[Column]:
         """``lookup_space``, ``lookup_group``, ``lookup_slot``, ``cdf_point`` of one draw row.
 
         random: a position among all items; popularity: a point of the scaled CDF and its
         bucket; hard: one of the user's categories, then a position within it (null, so no
         candidate, for a user without preferred categories).
         """
+        per_attempt = self._per_attempt
         kind = F.col("neg_kind")
         n_items, n_weighted = F.col("n_items"), F.col("n_weighted")
         position = F.least(F.floor(self._uniform("negatives:random", per_attempt) * n_items), n_items - 1)
