@@ -470,14 +470,17 @@ def _select_round(candidates: DataFrame, positive_flags: DataFrame) -> DataFrame
         & ~F.array_contains("taken", F.col("item_idx"))
     )
     flagged = candidates.join(positive_flags, ["user_idx", "item_idx"], "left").select(
-        *_REQUEST_COLUMNS, F.struct("draw_key", "item_idx", eligible.alias("eligible")).alias("draw")
+        *_REQUEST_COLUMNS,
+        # An ineligible draw keeps its row (so the pair is still seen) but no item.
+        F.struct("draw_key", F.when(eligible, F.col("item_idx")).alias("item_idx")).alias("draw"),
     )
-    # collect_list order depends on the shuffle; sorting by draw_key (unique within the
-    # group) makes it exact. array_distinct keeps first occurrences in order.
-    in_draw_order = F.array_sort(F.collect_list("draw"))
-    eligible_items = F.transform(
-        F.filter(F.col("draws"), lambda draw: draw["eligible"]), lambda draw: draw["item_idx"]
-    )
+    # collect_list order depends on the shuffle; sorting by draw_key (unique within the group)
+    # makes it exact. Only built-in array functions, no lambdas: sort_array orders structs by
+    # their first field natively (array_sort would compare through an interpreted lambda),
+    # draws.item_idx extracts the field from every element, array_compact drops the
+    # ineligible nulls and array_distinct keeps first occurrences in order.
+    in_draw_order = F.sort_array(F.collect_list("draw"))
+    eligible_items = F.array_compact(F.col("draws.item_idx"))
     return (
         flagged.groupBy(*_REQUEST_COLUMNS)
         .agg(in_draw_order.alias("draws"))
