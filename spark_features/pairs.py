@@ -2,8 +2,8 @@
 
 Point-in-time correctness (DESIGN.md decision 6): a pair's history holds only events
 STRICTLY before the pair's event time, so other events at the same timestamp are never in
-it. Ordering ties: events of one user are ordered by (event_ts, item_idx); that order decides
-which of several same-second positives is "the last" for leave-last-out.
+it. Ordering ties: which of several same-second positives is "the last" for leave-last-out
+is decided by ``tie_key_column`` (a hash of the item index, independent of popularity).
 
 ``hist``: array<int> of exactly N item indices, most recent first, 0-padded at the end.
 ``prior_events``: how many events of the user happened strictly before this one.
@@ -65,10 +65,20 @@ def pair_id_column() -> F.Column:
     return F.xxhash64("user_idx", "item_idx", "event_ts", "rating")
 
 
+def tie_key_column() -> F.Column:
+    """Order of one user's positives that share a timestamp, for leave-last-out: a hash of
+    the item index. Stable forever (indices are), and unrelated to popularity: ordering ties
+    by the index itself (assigned by count, descending) would make the held-out "last" item
+    of a same-second burst always the least popular one (44% of MovieLens-100K test rows
+    sit in such a burst), a systematically harder test than the data holds."""
+    return F.xxhash64(F.col("item_idx"))
+
+
 def assign_leave_last_out(positives: DataFrame, min_positives: int) -> DataFrame:
     """``split``: a user's last positive is test, the one before valid, the rest train, for
-    users with at least ``min_positives`` positives (others: all train)."""
-    latest_first = Window.partitionBy("user_idx").orderBy(F.col("event_ts").desc(), F.col("item_idx").desc())
+    users with at least ``min_positives`` positives (others: all train). Same-time positives
+    are ordered by ``tie_key_column``."""
+    latest_first = Window.partitionBy("user_idx").orderBy(F.col("event_ts").desc(), tie_key_column().desc())
     per_user = Window.partitionBy("user_idx")
     rank = F.row_number().over(latest_first)
     count = F.count(F.lit(1)).over(per_user)

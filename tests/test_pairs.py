@@ -66,13 +66,24 @@ def test_leave_last_out_holds_out_last_two_positives_of_users_with_enough(spark)
     }
 
 
-def test_leave_last_out_breaks_same_time_ties_by_item_index(spark):
+def test_leave_last_out_breaks_same_time_ties_by_a_hash_not_by_popularity_rank(spark):
+    from pyspark.sql import functions as F
+
     from spark_features.pairs import assign_leave_last_out
 
+    # xxhash64 orders these indices 4 < 8 < 1 < 9 < 6 < 10 < 12 < 5 < 11 < 7 < 3 < 2.
     rows = [(1, 4, _ts(1), 1.0), (1, 8, _ts(9), 1.0), (1, 6, _ts(9), 1.0)]
     events = spark.createDataFrame(rows, "user_idx int, item_idx int, event_ts timestamp, rating double")
     got = {r.item_idx: r.split for r in assign_leave_last_out(events, 3).collect()}
-    assert got == {4: "train", 6: "valid", 8: "test"}
+    assert got == {4: "train", 8: "valid", 6: "test"}  # the lower index (more popular) item is held out
+    # Over many same-second bursts of two, the held-out item is the higher index about half
+    # the time (ordering by the index itself would make it always the higher one).
+    bursts = spark.range(1, 401).select(F.col("id").cast("int").alias("user_idx")).select(
+        "user_idx", F.explode(F.array(F.lit(1), F.col("user_idx") * 2, F.col("user_idx") * 2 + 1)).alias("item_idx"))
+    bursts = bursts.withColumn("event_ts", F.when(F.col("item_idx") == 1, F.lit(_ts(1))).otherwise(F.lit(_ts(9))))
+    test = assign_leave_last_out(bursts, 3).where("split = 'test'")
+    higher = test.where(F.col("item_idx") % 2 == 1).count()
+    assert test.count() == 400 and 150 < higher < 250
 
 
 def test_time_split_uses_the_cuts(spark):

@@ -1,0 +1,153 @@
+"""Model versions under ``<lake>/models/<version>/``: written whole or not at all.
+
+A run writes into ``models/.staging-<version>-<random>/`` and renames it to
+``models/<version>`` only when everything is in it, so a crash never leaves a half-written
+version that a later job could load. A version holds:
+
+``weights.pt`` (state_dict), ``config.json`` (the TrainConfig), ``schema.json`` (fields and
+vocab sizes the towers were built with), ``manifest.json`` (version, parent, data table
+versions, backend, world size, timings), ``metrics.json`` (valid/test metrics of the model and
+ItemPop, and per-epoch history), ``history.jsonl`` (per-step log) and ``training.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spark_features.errors import TowerlakeError
+from spark_features.lake import Lake, to_local_path
+from trainer.config import TrainConfig
+from trainer.feature_schema import FeatureSchema
+from trainer.towers import TwoTowerModel
+
+MODELS = "models"
+
+
+class ModelNotFoundError(TowerlakeError):
+    """No model version at the given place."""
+
+
+def new_model_version() -> str:
+    """Sortable, unique: ``20261123T101500Z-1a2b3c``."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def models_root(lake_root: str) -> Path:
+    local = to_local_path(Lake(lake_root).table(MODELS))
+    if local is None:
+        raise ValueError(f"model versions need a local or mounted lake root, got {lake_root!r}")
+    return Path(local)
+
+
+@dataclass
+class StagedModel:
+    """A model version being written; ``commit()`` makes it visible atomically."""
+
+    root: Path
+    version: str
+    folder: Path
+
+    @classmethod
+    def start(cls, lake_root: str, version: str) -> StagedModel:
+        root = models_root(lake_root)
+        root.mkdir(parents=True, exist_ok=True)
+        if (root / version).exists():
+            raise ValueError(f"model version {version} already exists under {root}; pick a new --version")
+        folder = root / f".staging-{version}-{uuid.uuid4().hex[:8]}"
+        folder.mkdir()
+        return cls(root=root, version=version, folder=folder)
+
+    def write_json(self, name: str, data: Any) -> None:
+        _write_atomic(self.folder / name, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+
+    def append_jsonl(self, name: str, record: dict) -> None:
+        with open(self.folder / name, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, default=str) + "\n")
+
+    def save_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        tmp = self.folder / "weights.pt.tmp"
+        torch.save(state_dict, tmp)
+        os.replace(tmp, self.folder / "weights.pt")
+
+    def commit(self) -> Path:
+        final = self.root / self.version
+        for path in self.folder.iterdir():
+            _fsync(path)
+        os.rename(self.folder, final)
+        _fsync(self.root)
+        return final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class LoadedModel:
+    version: str
+    path: Path
+    model: TwoTowerModel
+    config: TrainConfig
+    schema: FeatureSchema
+    manifest: dict
+    metrics: dict
+
+
+def model_path(lake_root: str, version: str) -> Path:
+    path = models_root(lake_root) / version
+    if not (path / "weights.pt").is_file():
+        available = list_model_versions(lake_root)
+        raise ModelNotFoundError(f"no model version {version!r} under {models_root(lake_root)} "
+                                 f"(available: {', '.join(available[-5:]) or 'none; run jobs.train first'})")
+    return path
+
+
+def list_model_versions(lake_root: str) -> list[str]:
+    root = models_root(lake_root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and (p / "weights.pt").is_file())
+
+
+def load_model_dir(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild the towers from a model folder (``models/<version>`` or a release's copy)."""
+    path = Path(path)
+    try:
+        config = TrainConfig.from_dict(json.loads((path / "config.json").read_text()))
+        schema = FeatureSchema.from_json((path / "schema.json").read_text())
+        manifest = json.loads((path / "manifest.json").read_text())
+        metrics = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").exists() else {}
+        state = torch.load(path / "weights.pt", map_location=device, weights_only=True)
+    except FileNotFoundError as err:
+        raise ModelNotFoundError(f"model folder {path} is incomplete ({err.filename} missing)") from err
+    model = TwoTowerModel(config.model, schema).to(device)
+    model.load_state_dict(state)
+    model.eval()
+    return LoadedModel(version=manifest.get("version", path.name), path=path, model=model, config=config,
+                       schema=schema, manifest=manifest, metrics=metrics)

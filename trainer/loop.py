@@ -1,0 +1,223 @@
+"""The one training loop (STYLE.md item 6): full retrain and fine-tune alike, 1 or N processes.
+
+``prepare_run`` pins every table version the run reads and loads the item feature store;
+``train`` runs epochs of synchronized Petastorm batches, evaluates on the validation split
+after each epoch (rank 0; the decision is broadcast), keeps the best epoch's weights, stops
+early when the validation metric stops improving, then evaluates the best weights on valid
+and test and writes ``models/<version>/`` atomically (rank 0).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyarrow.parquet as pq
+import torch
+
+from spark_features.delta_snapshot import DeltaSnapshot, resolve_snapshot, snapshot_file_path
+from spark_features.lake import Lake
+from trainer.artifacts import StagedModel
+from trainer.config import TrainConfig
+from trainer.data import LoaderSettings, resolve_pairs, snapshot_columns, synchronized, train_batches
+from trainer.distributed import DistContext, wrap_model, wrap_optimizer
+from trainer.evaluation import evaluate_split
+from trainer.feature_schema import FeatureSchema, load_feature_schema
+from trainer.item_store import ItemFeatureStore, load_item_store
+from trainer.task import TwoTowerTrainTask
+from trainer.towers import TwoTowerModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunInputs:
+    """The exact data one run reads."""
+
+    lake_root: str
+    train: DeltaSnapshot
+    valid: DeltaSnapshot
+    test: DeltaSnapshot | None
+    items: DeltaSnapshot
+    schema: FeatureSchema
+    store: ItemFeatureStore
+
+    @property
+    def table_versions(self) -> dict[str, int]:
+        versions = dict(self.schema.table_versions)
+        versions.update({"pairs/train": self.train.version, "pairs/valid": self.valid.version,
+                         "features/items": self.items.version})
+        if self.test is not None:
+            versions["pairs/test"] = self.test.version
+        return versions
+
+
+def history_length_of(snapshot: DeltaSnapshot) -> int:
+    """N of ``pairs.hist`` (every row is padded to N): read from the first row."""
+    first = pq.ParquetFile(snapshot_file_path(snapshot.files[0]))
+    column = first.read_row_group(0, columns=["hist"]).column(0)
+    return len(column[0].as_py()) if len(column) else 0
+
+
+def prepare_run(lake_root: str, config: TrainConfig, train_split: str = "train",
+                versions: dict[str, int] | None = None) -> RunInputs:
+    """Pin pairs/{train,valid,test} and features/items (latest unless ``versions`` names one)
+    and load the schema and item store. ``train_split`` may be e.g. ``incremental``."""
+    versions = versions or {}
+    lake = Lake(lake_root)
+    train = resolve_pairs(lake.root, train_split, versions.get(f"pairs/{train_split}"))
+    valid = resolve_pairs(lake.root, "valid", versions.get("pairs/valid"))
+    try:
+        test = resolve_pairs(lake.root, "test", versions.get("pairs/test"))
+    except Exception:  # a time split without a test window
+        test = None
+    items = resolve_snapshot(lake.table("features/items"), versions.get("features/items"))
+    schema = load_feature_schema(lake.root, snapshot_columns(train), config.model.item_exclude,
+                                 history_length=history_length_of(train))
+    store = load_item_store(items, schema)
+    return RunInputs(lake_root=lake.root, train=train, valid=valid, test=test, items=items, schema=schema,
+                     store=store)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.9)
+
+
+@dataclass
+class TrainResult:
+    model: TwoTowerModel
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    valid: dict = field(default_factory=dict)
+    test: dict = field(default_factory=dict)
+    samples_per_s: float = 0.0
+    seconds: float = 0.0
+    version: str | None = None
+    path: str | None = None
+
+
+def train(config: TrainConfig, inputs: RunInputs, ctx: DistContext, staged: StagedModel | None = None,
+          model: TwoTowerModel | None = None, progress: bool = True,
+          say: Callable[[str], None] = print) -> TrainResult:
+    """Train ``model`` (a fresh one when None) and, on rank 0 with ``staged``, write the
+    model version. Every rank returns the trained model (identical on all ranks)."""
+    torch.manual_seed(config.seed)
+    model = (model or TwoTowerModel(config.model, inputs.schema)).to(ctx.device)
+    store = inputs.store.to(ctx.device)
+    wrapped = wrap_model(model, ctx)
+    optimizer = wrap_optimizer(build_optimizer(model, config), model, ctx)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
+    task = TwoTowerTrainTask(wrapped, store, config, ctx)
+    negatives_width = config.max_offline_negatives if config.loss == "bce" else 0
+    settings = LoaderSettings(batch_size=config.batch_size, workers=config.reader_workers,
+                              shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+                              negatives_width=negatives_width)
+    rows = inputs.train.num_rows or 0
+    steps_hint = rows // (config.batch_size * ctx.world_size)
+    if config.max_steps_per_epoch:
+        steps_hint = min(steps_hint, config.max_steps_per_epoch)
+    if steps_hint == 0 and ctx.is_main:
+        raise ValueError(f"pairs/train has {rows} rows, fewer than one global batch "
+                         f"({config.batch_size} x {ctx.world_size} ranks): lower --batch-size")
+    result = TrainResult(model=model)
+    best_value, best_state, stale = -math.inf, None, 0
+    global_step, samples, train_seconds = 0, 0, 0.0
+    started = time.monotonic()
+    for epoch in range(config.epochs):
+        model.train()
+        epoch_start = time.monotonic()
+        losses: list[float] = []
+        bar = _progress(progress and ctx.is_main, steps_hint, f"epoch {epoch + 1}/{config.epochs}")
+        with train_batches(inputs.train, inputs.schema, ctx, settings, epoch) as batches:
+            for batch in synchronized(batches, ctx, config.max_steps_per_epoch):
+                batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+                with _autocast(ctx.device):
+                    step = task.loss(batch, global_step)
+                optimizer.zero_grad(set_to_none=True)
+                step.total.backward()
+                optimizer.step()
+                global_step += 1
+                samples += config.batch_size * ctx.world_size
+                losses.append(float(step.total.detach()))
+                if bar is not None:
+                    elapsed = time.monotonic() - epoch_start
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", sps=f"{len(losses) * config.batch_size * ctx.world_size / max(elapsed, 1e-9):,.0f}")
+                if staged is not None and ctx.is_main and global_step % config.log_every == 0:
+                    staged.append_jsonl("history.jsonl", {"step": global_step, "epoch": epoch + 1,
+                                                          "loss": losses[-1], **step.parts})
+        if bar is not None:
+            bar.close()
+        scheduler.step()
+        epoch_seconds = time.monotonic() - epoch_start
+        train_seconds += epoch_seconds
+        record = {"epoch": epoch + 1, "steps": len(losses), "loss": sum(losses) / max(len(losses), 1),
+                  "seconds": round(epoch_seconds, 2),
+                  "samples_per_s": len(losses) * config.batch_size * ctx.world_size / max(epoch_seconds, 1e-9)}
+        decision = None
+        if ctx.is_main:
+            metrics = evaluate_split(model, inputs.store.to(ctx.device), inputs.valid, inputs.schema,
+                                     config.eval_ks, ctx.device, with_itempop=False)["model"]
+            record["valid"] = metrics
+            value = metrics[config.early_stopping_metric]
+            if value > best_value:
+                best_value, best_state, stale = value, copy.deepcopy(model.state_dict()), 0
+                result.best_epoch = epoch + 1
+            else:
+                stale += 1
+            stop = config.early_stopping_patience and stale >= config.early_stopping_patience
+            decision = {"stop": bool(stop), "record": record}
+            say(f"epoch {epoch + 1}: loss {record['loss']:.4f}, {record['samples_per_s']:,.0f} samples/s, "
+                f"valid {config.early_stopping_metric}={value:.4f}" + (" (best)" if stale == 0 else ""))
+            if staged is not None:
+                staged.append_jsonl("history.jsonl", {"epoch_end": epoch + 1, **{k: v for k, v in record.items()
+                                                                                  if k != "valid"},
+                                                      **{f"valid_{k}": v for k, v in metrics.items()}})
+        decision = ctx.broadcast_object(decision)
+        result.history.append(decision["record"])
+        if decision["stop"]:
+            if ctx.is_main:
+                say(f"early stop: no better valid {config.early_stopping_metric} for "
+                    f"{config.early_stopping_patience} epochs; best epoch {result.best_epoch}")
+            break
+    # Every rank takes rank 0's best weights, so all ranks return the same model.
+    best_state = ctx.broadcast_object({k: v.cpu() for k, v in best_state.items()} if ctx.is_main else None)
+    model.load_state_dict(best_state)
+    result.best_epoch = ctx.broadcast_object(result.best_epoch)
+    result.seconds = time.monotonic() - started
+    result.samples_per_s = samples / max(train_seconds, 1e-9)
+    if ctx.is_main:
+        store_dev = inputs.store.to(ctx.device)
+        result.valid = evaluate_split(model, store_dev, inputs.valid, inputs.schema, config.eval_ks, ctx.device)
+        if inputs.test is not None:
+            result.test = evaluate_split(model, store_dev, inputs.test, inputs.schema, config.eval_ks, ctx.device)
+    ctx.barrier()
+    return result
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, mininterval=1.0)
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op context on CPU (fp32 stays exact there)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    import contextlib
+
+    return contextlib.nullcontext()
