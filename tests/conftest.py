@@ -23,3 +23,23 @@ def lake_root(tmp_path):
     root = tmp_path / "lake"
     root.mkdir()
     return root
+
+
+@pytest.fixture(scope="session")
+def ml_lake(spark, tmp_path_factory):
+    """MovieLens-100K ingested and feature-built once per test run: (io, lake, report).
+    Tests may add models/releases to it but must not rewrite its tables."""
+    from spark_features.delta_io import DeltaLakeIO
+    from spark_features.feature_config import FeatureConfig
+    from spark_features.ingest import IngestOptions, ingest, read_source
+    from spark_features.lake import Lake
+    from spark_features.sources import movielens_100k_spec
+    from spark_features.training_data import build_training_data
+
+    lake = Lake(str(tmp_path_factory.mktemp("ml") / "lake"))
+    io = DeltaLakeIO(spark)
+    spec = movielens_100k_spec()
+    ingest(spark, io, lake, read_source(spark, spec), spec, IngestOptions(batch="ml"), say=lambda _s: None)
+    config = FeatureConfig(prefix_columns={"users.zip_code": 3})
+    report = build_training_data(spark, io, lake, config, say=lambda _s: None)
+    return io, lake, report

@@ -7,24 +7,6 @@ import pytest
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def ml_lake(spark, tmp_path_factory):
-    from spark_features.delta_io import DeltaLakeIO
-    from spark_features.feature_config import FeatureConfig
-    from spark_features.ingest import IngestOptions, ingest, read_source
-    from spark_features.lake import Lake
-    from spark_features.sources import movielens_100k_spec
-    from spark_features.training_data import build_training_data
-
-    lake = Lake(str(tmp_path_factory.mktemp("ml") / "lake"))
-    io = DeltaLakeIO(spark)
-    spec = movielens_100k_spec()
-    ingest(spark, io, lake, read_source(spark, spec), spec, IngestOptions(batch="ml"), say=lambda _s: None)
-    config = FeatureConfig(prefix_columns={"users.zip_code": 3})
-    report = build_training_data(spark, io, lake, config, say=lambda _s: None)
-    return io, lake, report
-
-
 def test_every_user_has_exactly_one_test_and_one_valid_pair(ml_lake):
     io, lake, report = ml_lake
     assert report.vocabs["user_id"].size == 944 and report.vocabs["item_id"].size == 1683

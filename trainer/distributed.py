@@ -47,11 +47,9 @@ class DistContext:
     def gather_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
         if not self.distributed:
             return tensor
-        if self.backend == "horovod":
-            import horovod.torch as hvd
-
-            return hvd.allgather(tensor)  # differentiable: backward = allreduce(sum) + own slice
-        return _GatherWithGrad.apply(tensor, self.rank, self.world_size)
+        # Horovod's own differentiable allgather AVERAGES the gradient over ranks in its
+        # backward; the exact global gradient needs the SUM, so both backends use ours.
+        return _GatherWithGrad.apply(tensor, self.rank, self.world_size, self.backend == "horovod")
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In place on ``tensor``; ``op`` in sum|min|max. Returns ``tensor``."""
@@ -89,15 +87,21 @@ class DistContext:
         if self.backend == "horovod":
             import horovod.torch as hvd
 
-            hvd.join()
+            hvd.allreduce(torch.zeros(1), op=hvd.Sum, name="towerlake.barrier")
             return
         dist.barrier()
 
 
 class _GatherWithGrad(torch.autograd.Function):
+    """Forward: all-gather (equal shapes, rank order). Backward: all-reduce SUM, own slice."""
+
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-        ctx.rank, ctx.rows = rank, tensor.shape[0]
+    def forward(ctx, tensor: torch.Tensor, rank: int, world_size: int, horovod: bool) -> torch.Tensor:
+        ctx.rank, ctx.rows, ctx.horovod = rank, tensor.shape[0], horovod
+        if horovod:
+            import horovod.torch as hvd
+
+            return hvd.allgather(tensor.detach().contiguous())
         parts = [torch.empty_like(tensor) for _ in range(world_size)]
         dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts, dim=0)
@@ -105,9 +109,14 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        if ctx.horovod:
+            import horovod.torch as hvd
+
+            grad = hvd.allreduce(grad, op=hvd.Sum)
+        else:
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = ctx.rank * ctx.rows
-        return grad[start:start + ctx.rows], None, None
+        return grad[start:start + ctx.rows], None, None, None
 
 
 def _env_int(name: str, default: int) -> int:

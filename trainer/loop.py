@@ -127,7 +127,7 @@ def train(config: TrainConfig, inputs: RunInputs, ctx: DistContext, staged: Stag
     steps_hint = rows // (config.batch_size * ctx.world_size)
     if config.max_steps_per_epoch:
         steps_hint = min(steps_hint, config.max_steps_per_epoch)
-    if steps_hint == 0 and ctx.is_main:
+    if steps_hint == 0:
         raise ValueError(f"pairs/train has {rows} rows, fewer than one global batch "
                          f"({config.batch_size} x {ctx.world_size} ranks): lower --batch-size")
     result = TrainResult(model=model)
