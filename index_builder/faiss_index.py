@@ -299,7 +299,9 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, config: IndexConfig | None
     except RuntimeError as err:
         raise ValueError(f"IndexConfig.factory must describe an IVF index, got {factory!r}") from err
     nlist = int(ivf.nlist)
-    if nlist * MIN_POINTS_PER_LIST > n_train and config.factory is not None:
+    # A '{nlist}' factory gets choose_nlist's count, which is already as few lists as possible
+    # (1 for a tiny catalog), exactly like the default factory; only a fixed count is an error.
+    if nlist * MIN_POINTS_PER_LIST > n_train and config.factory is not None and "{nlist}" not in config.factory:
         raise ValueError(
             f"factory {factory!r} has {nlist} lists but only {n_train} training points; faiss needs at "
             f"least {MIN_POINTS_PER_LIST} per list: use '{{nlist}}' in the factory or fewer lists"
