@@ -12,7 +12,10 @@ Examples:
   torchrun --nproc-per-node 2 -m jobs.train --preset softmax-logq      # DDP (gloo on CPU)
   horovodrun -np 2 -H localhost:2 --gloo python -m jobs.train --backend horovod
 
-Presets: dssm-bce, dssm-senet-bce, softmax-logq, softmax-mixed, dat (see trainer/config.py).
+Re-running the same command after a crash or kill resumes from its last checkpoint
+(<lake>/checkpoints/<run key>); --fresh starts over.
+
+Presets: dat (default), softmax-mixed, softmax-logq, dssm-bce, dssm-senet-bce (trainer/config.py).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class TrainJobConfig:
     version: str | None
     train_split: str
     progress: bool
+    checkpoint_dir: str | None
+    fresh: bool
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -71,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="model version name (default: UTC time + random suffix)")
     p.add_argument("--train-split", default="train", help="pairs/<split> to train on (default: train)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                   help="checkpoint every STEPS steps and at every epoch end (shortcut for --set checkpoint_every_steps=N)")
+    p.add_argument("--checkpoint-dir", help="where this run's checkpoints go (default: <lake>/checkpoints/<run key>, "
+                   "the same for a re-run of the same command, which then resumes)")
+    p.add_argument("--fresh", action="store_true", help="ignore and delete this run's checkpoints; start over")
     return p
 
 
@@ -87,22 +97,30 @@ def parse_config(argv: list[str] | None = None) -> TrainJobConfig:
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"--config {a.config}: cannot read a JSON object of TrainConfig fields ({err})") from err
     overrides = dict(a.overrides)
-    for key, value in (("epochs", a.epochs), ("batch_size", a.batch_size), ("lr", a.lr), ("seed", a.seed)):
+    for key, value in (("epochs", a.epochs), ("batch_size", a.batch_size), ("lr", a.lr), ("seed", a.seed),
+                       ("checkpoint_every_steps", a.checkpoint_every)):
         if value is not None:
             overrides[key] = value
     if overrides:
         config = config.with_overrides(overrides)
     return TrainJobConfig(lake=a.lake, train=config, preset=name, backend=a.backend, version=a.version,
-                          train_split=a.train_split, progress=not a.no_progress)
+                          train_split=a.train_split, progress=not a.no_progress, checkpoint_dir=a.checkpoint_dir,
+                          fresh=a.fresh)
 
 
 def main(argv: list[str] | None = None) -> int:
     job = parse_config(argv)
     setup_logging("train")
+    import warnings
+
+    # Petastorm's reader threads warn about pyarrow's legacy dataset API on every row group.
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
     import torch
 
     from spark_features.lake import Lake
-    from trainer.artifacts import StagedModel, new_model_version
+    from trainer.artifacts import StagedModel, models_root, new_model_version
+    from trainer.checkpoints import CheckpointManager, run_key
     from trainer.distributed import init_distributed, shutdown
     from trainer.loop import prepare_run, train
     from trainer.report import metrics_table, plot_training
@@ -121,9 +139,18 @@ def main(argv: list[str] | None = None) -> int:
             + (f" test={inputs.test.num_rows:,}" if inputs.test else "")
             + f"; items={inputs.schema.num_items - 1:,} users={inputs.schema.num_users - 1:,}")
         say(f"  [prepare] {time.monotonic() - start:.1f}s")
+        key = run_key(job.train.to_dict(), inputs.table_versions, job.train_split, ctx.world_size)
+        checkpoints = CheckpointManager(job.checkpoint_dir or f"{models_root(lake.root).parent}/checkpoints/{key}",
+                                        keep=job.train.keep_checkpoints)
+        if job.fresh and ctx.is_main:
+            checkpoints.remove_all()
+        ctx.barrier()
+        if checkpoints.latest() is not None:
+            say(f"  resuming from {checkpoints.latest()} (--fresh starts over)")
         if ctx.is_main:
             staged = StagedModel.start(lake.root, job.version or new_model_version())
-        result = train(job.train, inputs, ctx, staged=staged, progress=job.progress, say=say)
+        result = train(job.train, inputs, ctx, staged=staged, progress=job.progress, say=say,
+                       checkpoints=checkpoints)
         if ctx.is_main:
             results = {"valid": result.valid, **({"test": result.test} if result.test else {})}
             staged.save_weights({k: v.cpu() for k, v in result.model.state_dict().items()})
@@ -139,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             plot_training(result.history, staged.folder / "training.png")
             path = staged.commit()
             staged = None
+            checkpoints.remove_all()  # the model version is complete: nothing left to resume
             say(metrics_table(results))
             test = result.test or result.valid
             ratio = test["model"]["hr@50"] / max(test["itempop"]["hr@50"], 1e-9)

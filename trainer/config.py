@@ -56,14 +56,14 @@ class ModelConfig:
     activation: Activation = "relu"
     dropout: float = 0.0
     use_user_id: bool = True
-    history_pooling: HistoryPooling = "mean"
+    history_pooling: HistoryPooling = "attention"
     recent_k: int = 5
     senet_user: bool = False
     senet_item: bool = False
     senet_reduction: int = 4
     dat: bool = False
     temperature: float = 0.05
-    learn_temperature: bool = False
+    learn_temperature: bool = True
     # Items columns the item tower must not read (features/items.popularity_bucket counts
     # every event up to the build cutoff, valid/test included, so it would leak the future).
     item_exclude: tuple[str, ...] = ("popularity_bucket",)
@@ -106,21 +106,28 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_decay: float = 0.9
     batch_size: int = 512
-    epochs: int = 10
+    epochs: int = 12
     early_stopping_metric: str = "hr@50"
     early_stopping_patience: int = 3
     eval_ks: tuple[int, ...] = EVAL_KS
     seed: int = 0
-    reader_workers: int = 2
+    # One reader worker per rank keeps each epoch's batch order a pure function of the seed,
+    # which exact resume relies on (trainer/checkpoints.py); the loader is far from the
+    # bottleneck on CPU (benchmarks/bench_train.py).
+    reader_workers: int = 1
     shuffle_buffer: int = 20_000
     max_steps_per_epoch: int | None = None
     log_every: int = 20
+    checkpoint_every_steps: int = 100  # and at every epoch end; 0 = epoch ends only
+    keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
         _check_choice("TrainConfig", "loss", self.loss, LossKind)
         _check_choice("TrainConfig", "optimizer", self.optimizer, OptimizerKind)
         _check_positive("TrainConfig", self, ("lr", "batch_size", "epochs", "reader_workers", "log_every"))
+        _check_positive("TrainConfig", self, ("keep_checkpoints",))
         _check_positive("TrainConfig", self, ("mixed_negatives", "max_offline_negatives", "weight_decay",
+                                              "checkpoint_every_steps",
                                               "dat_mimic_weight", "dat_cal_weight", "early_stopping_patience",
                                               "shuffle_buffer"), allow_zero=True)
         if not 0.0 < self.lr_decay <= 1.0:
@@ -187,7 +194,7 @@ PRESETS: dict[str, TrainConfig] = {
     "dat": TrainConfig(loss="softmax", logq=True, dat_mimic_weight=0.5, dat_cal_weight=1.0,
                        model=replace(_BASE_MODEL, dat=True)),
 }
-DEFAULT_PRESET = "softmax-logq"
+DEFAULT_PRESET = "dat"
 
 
 def preset(name: str) -> TrainConfig:

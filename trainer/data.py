@@ -60,7 +60,12 @@ def user_columns(schema: FeatureSchema) -> list[str]:
 
 
 def _int64(array) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(array), dtype=np.int64))
+    """Index columns as int64; a null (which Petastorm hands over as NaN in a float array)
+    becomes 0 = unknown, as in the evaluation path."""
+    values = np.asarray(array)
+    if values.dtype.kind == "f":
+        values = np.nan_to_num(values, nan=0.0)
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
 
 
 def _batch_from_numpy(columns: dict[str, np.ndarray], schema: FeatureSchema) -> Batch:

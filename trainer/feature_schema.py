@@ -85,24 +85,27 @@ class FeatureSchema:
 
 
 def load_feature_schema(lake_root: str, pairs_columns: list[str], item_exclude: tuple[str, ...] = (),
-                        history_length: int | None = None) -> FeatureSchema:
+                        history_length: int | None = None, versions: dict[str, int] | None = None) -> FeatureSchema:
     """Build the schema from ``features/spec``, ``features/items`` and the vocabularies.
 
     ``pairs_columns``: the columns of the training pairs table (user-side fields are the
     spec's user features that the pairs carry). ``item_exclude``: item feature columns the
-    item tower must not read (see ``ModelConfig.item_exclude``).
+    item tower must not read (see ``ModelConfig.item_exclude``). ``versions``: pinned Delta
+    versions by table (``{"features/spec": 3, "vocab/user_id": 1, ...}``); unnamed tables are
+    read at their latest version, which the returned ``table_versions`` records.
     """
     lake = Lake(lake_root)
-    spec_snap = resolve_snapshot(lake.table("features/spec"))
+    versions_in = dict(versions or {})
+    spec_snap = resolve_snapshot(lake.table("features/spec"), versions_in.get("features/spec"))
     spec = read_snapshot_arrow(spec_snap).to_pylist()
-    items_snap = resolve_snapshot(lake.table("features/items"))
+    items_snap = resolve_snapshot(lake.table("features/items"), versions_in.get("features/items"))
     item_columns = set(_schema_names(items_snap.schema_json))
     versions = {"features/spec": spec_snap.version, "features/items": items_snap.version}
 
     def size_of(row: dict) -> int:
         if row["kind"] == "bucket":
             return len(row["boundaries"] or ()) + 2
-        info = read_vocab_info(lake.root, row["vocab"])
+        info = read_vocab_info(lake.root, row["vocab"], versions_in.get(f"vocab/{row['vocab']}"))
         versions[f"vocab/{row['vocab']}"] = info.version
         return info.size
 
@@ -113,8 +116,8 @@ def load_feature_schema(lake_root: str, pairs_columns: list[str], item_exclude: 
             user_fields.append(FieldSpec(fs.name, fs.kind, size_of(row)))
         elif row["table"] == "items" and row["feature"] in item_columns and row["feature"] not in item_exclude:
             item_fields.append(FieldSpec(fs.name, fs.kind, size_of(row)))
-    users = read_vocab_info(lake.root, "user_id")
-    items = read_vocab_info(lake.root, "item_id")
+    users = read_vocab_info(lake.root, "user_id", versions_in.get("vocab/user_id"))
+    items = read_vocab_info(lake.root, "item_id", versions_in.get("vocab/item_id"))
     versions["vocab/user_id"], versions["vocab/item_id"] = users.version, items.version
     # The primary category (for the category alignment loss) needs no embedding table, only
     # the size of its index space: max index + 1 over the catalog (catalog-sized column).

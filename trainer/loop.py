@@ -22,6 +22,7 @@ import torch
 from spark_features.delta_snapshot import DeltaSnapshot, resolve_snapshot, snapshot_file_path
 from spark_features.lake import Lake
 from trainer.artifacts import StagedModel
+from trainer.checkpoints import CheckpointManager, check_compatible, isolated_rng
 from trainer.config import TrainConfig
 from trainer.data import LoaderSettings, resolve_pairs, snapshot_columns, synchronized, train_batches
 from trainer.distributed import DistContext, wrap_model, wrap_optimizer
@@ -77,7 +78,8 @@ def prepare_run(lake_root: str, config: TrainConfig, train_split: str = "train",
         test = None
     items = resolve_snapshot(lake.table("features/items"), versions.get("features/items"))
     schema = load_feature_schema(lake.root, snapshot_columns(train), config.model.item_exclude,
-                                 history_length=history_length_of(train))
+                                 history_length=history_length_of(train),
+                                 versions={**versions, "features/items": items.version})
     store = load_item_store(items, schema)
     return RunInputs(lake_root=lake.root, train=train, valid=valid, test=test, items=items, schema=schema,
                      store=store)
@@ -108,13 +110,20 @@ class TrainResult:
 
 
 def train(config: TrainConfig, inputs: RunInputs, ctx: DistContext, staged: StagedModel | None = None,
-          model: TwoTowerModel | None = None, progress: bool = True,
-          say: Callable[[str], None] = print) -> TrainResult:
-    """Train ``model`` (a fresh one when None) and, on rank 0 with ``staged``, write the
-    model version. Every rank returns the trained model (identical on all ranks)."""
+          model: TwoTowerModel | None = None, progress: bool = True, say: Callable[[str], None] = print,
+          checkpoints: CheckpointManager | None = None) -> TrainResult:
+    """Train ``model`` (a fresh one when None); rank 0 logs into ``staged`` (the model version
+    being written). With ``checkpoints``, resumes from the newest checkpoint there (if any) and
+    writes one every ``config.checkpoint_every_steps`` steps and at every epoch end. Every
+    rank returns the trained model (identical on all ranks)."""
     torch.manual_seed(config.seed)
     model = (model or TwoTowerModel(config.model, inputs.schema)).to(ctx.device)
     store = inputs.store.to(ctx.device)
+    config_dict = config.to_dict()
+    schema_json = inputs.schema.to_json()
+    resume = _load_resume_state(checkpoints, config_dict, schema_json, ctx)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
     wrapped = wrap_model(model, ctx)
     optimizer = wrap_optimizer(build_optimizer(model, config), model, ctx)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
@@ -132,15 +141,49 @@ def train(config: TrainConfig, inputs: RunInputs, ctx: DistContext, staged: Stag
                          f"({config.batch_size} x {ctx.world_size} ranks): lower --batch-size")
     result = TrainResult(model=model)
     best_value, best_state, stale = -math.inf, None, 0
-    global_step, samples, train_seconds = 0, 0, 0.0
+    global_step, first_epoch, skip_batches, stopped = 0, 0, 0, False
+    epoch_losses: list[float] = []
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        best_value, best_state, stale = resume["best_value"], resume["best_state"], resume["stale"]
+        result.best_epoch, result.history = resume["best_epoch"], resume["history"]
+        global_step, first_epoch, skip_batches = resume["global_step"], resume["epoch"], resume["step_in_epoch"]
+        epoch_losses, stopped = list(resume["epoch_losses"]), resume["stopped"]
+        torch.set_rng_state(resume["rng"][ctx.rank])
+
+    def save_checkpoint(epoch: int, step_in_epoch: int, losses: list[float], stop: bool) -> None:
+        rng = ctx.gather_object(torch.get_rng_state())
+        if ctx.is_main and checkpoints is not None:
+            checkpoints.save({
+                "config": config_dict, "schema": schema_json, "world_size": ctx.world_size,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                "epoch_losses": list(losses), "stopped": stop, "best_value": best_value, "best_state": best_state,
+                "stale": stale, "best_epoch": result.best_epoch, "history": result.history, "rng": rng,
+            }, global_step)
+
+    samples, train_seconds = 0, 0.0
     started = time.monotonic()
-    for epoch in range(config.epochs):
+    for epoch in range(first_epoch, config.epochs):
+        if stopped:
+            break
         model.train()
         epoch_start = time.monotonic()
-        losses: list[float] = []
+        losses = epoch_losses if epoch == first_epoch else []
         bar = _progress(progress and ctx.is_main, steps_hint, f"epoch {epoch + 1}/{config.epochs}")
-        with train_batches(inputs.train, inputs.schema, ctx, settings, epoch) as batches:
-            for batch in synchronized(batches, ctx, config.max_steps_per_epoch):
+        with train_batches(inputs.train, inputs.schema, ctx, settings, epoch) as raw_batches:
+            batches = synchronized(isolated_rng(raw_batches, config.seed * 1_000_003 + epoch),
+                                   ctx, config.max_steps_per_epoch)
+            if epoch == first_epoch and skip_batches:
+                replay_start = time.monotonic()
+                for _ in range(skip_batches):
+                    next(batches)  # the killed run already trained on these
+                if bar is not None:
+                    bar.update(skip_batches)
+                say(f"resumed at epoch {epoch + 1}, batch {skip_batches} (global step {global_step}): "
+                    f"replayed the data position in {time.monotonic() - replay_start:.1f}s")
+            for batch in batches:
                 batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
                 with _autocast(ctx.device):
                     step = task.loss(batch, global_step)
@@ -157,6 +200,9 @@ def train(config: TrainConfig, inputs: RunInputs, ctx: DistContext, staged: Stag
                 if staged is not None and ctx.is_main and global_step % config.log_every == 0:
                     staged.append_jsonl("history.jsonl", {"step": global_step, "epoch": epoch + 1,
                                                           "loss": losses[-1], **step.parts})
+                if checkpoints is not None and config.checkpoint_every_steps and \
+                        global_step % config.checkpoint_every_steps == 0:
+                    save_checkpoint(epoch, len(losses), losses, False)
         if bar is not None:
             bar.close()
         scheduler.step()
@@ -167,7 +213,7 @@ def train(config: TrainConfig, inputs: RunInputs, ctx: DistContext, staged: Stag
                   "samples_per_s": len(losses) * config.batch_size * ctx.world_size / max(epoch_seconds, 1e-9)}
         decision = None
         if ctx.is_main:
-            metrics = evaluate_split(model, inputs.store.to(ctx.device), inputs.valid, inputs.schema,
+            metrics = evaluate_split(model, store, inputs.valid, inputs.schema,
                                      config.eval_ks, ctx.device, with_itempop=False)["model"]
             record["valid"] = metrics
             value = metrics[config.early_stopping_metric]
@@ -177,7 +223,7 @@ def train(config: TrainConfig, inputs: RunInputs, ctx: DistContext, staged: Stag
             else:
                 stale += 1
             stop = config.early_stopping_patience and stale >= config.early_stopping_patience
-            decision = {"stop": bool(stop), "record": record}
+            decision = {"stop": bool(stop), "record": record, "best_epoch": result.best_epoch}
             say(f"epoch {epoch + 1}: loss {record['loss']:.4f}, {record['samples_per_s']:,.0f} samples/s, "
                 f"valid {config.early_stopping_metric}={value:.4f}" + (" (best)" if stale == 0 else ""))
             if staged is not None:
@@ -186,24 +232,39 @@ def train(config: TrainConfig, inputs: RunInputs, ctx: DistContext, staged: Stag
                                                       **{f"valid_{k}": v for k, v in metrics.items()}})
         decision = ctx.broadcast_object(decision)
         result.history.append(decision["record"])
-        if decision["stop"]:
-            if ctx.is_main:
-                say(f"early stop: no better valid {config.early_stopping_metric} for "
-                    f"{config.early_stopping_patience} epochs; best epoch {result.best_epoch}")
-            break
+        result.best_epoch = decision["best_epoch"]
+        stopped = decision["stop"]
+        if checkpoints is not None:
+            save_checkpoint(epoch + 1, 0, [], stopped)
+        if stopped and ctx.is_main:
+            say(f"early stop: no better valid {config.early_stopping_metric} for "
+                f"{config.early_stopping_patience} epochs; best epoch {result.best_epoch}")
     # Every rank takes rank 0's best weights, so all ranks return the same model.
     best_state = ctx.broadcast_object({k: v.cpu() for k, v in best_state.items()} if ctx.is_main else None)
     model.load_state_dict(best_state)
-    result.best_epoch = ctx.broadcast_object(result.best_epoch)
     result.seconds = time.monotonic() - started
     result.samples_per_s = samples / max(train_seconds, 1e-9)
     if ctx.is_main:
-        store_dev = inputs.store.to(ctx.device)
-        result.valid = evaluate_split(model, store_dev, inputs.valid, inputs.schema, config.eval_ks, ctx.device)
+        result.valid = evaluate_split(model, store, inputs.valid, inputs.schema, config.eval_ks, ctx.device)
         if inputs.test is not None:
-            result.test = evaluate_split(model, store_dev, inputs.test, inputs.schema, config.eval_ks, ctx.device)
+            result.test = evaluate_split(model, store, inputs.test, inputs.schema, config.eval_ks, ctx.device)
     ctx.barrier()
     return result
+
+
+def _load_resume_state(checkpoints: CheckpointManager | None, config_dict: dict, schema_json: str,
+                       ctx: DistContext) -> dict | None:
+    """The newest checkpoint (every rank reads the same file; the folder is on the lake's
+    shared storage), validated against this run; None when there is none."""
+    if checkpoints is None:
+        return None
+    path = checkpoints.latest()
+    path = ctx.broadcast_object(path)  # all ranks resume from the same one
+    if path is None:
+        return None
+    payload = checkpoints.load(path)
+    check_compatible(payload, config_dict, schema_json, ctx.world_size, path)
+    return payload
 
 
 def _progress(enabled: bool, total: int, desc: str):

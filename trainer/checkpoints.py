@@ -1,0 +1,124 @@
+"""Checkpoints that a killed run resumes from, bit-exactly on CPU.
+
+A checkpoint holds everything the rest of the run depends on: model, optimizer and LR
+scheduler state; epoch, batches done in that epoch and the global step; the early-stopping
+state (best value, best weights, epochs without improvement, history); and the torch RNG
+state of EVERY rank. The data position needs no state of its own: each epoch's batch order
+is a pure function of (seed, epoch, rank) — Petastorm deals row groups in a seeded order to
+one reader worker per rank, and its shuffling buffer draws from an RNG stream of its own
+(``isolated_rng``), so replaying an epoch's first ``b`` batches lands exactly where the killed
+run was. With ``reader_workers > 1`` row groups arrive in thread-completion order: a resume
+then sees the same rows per epoch in a possibly different order (not bit-exact).
+
+Files: ``<folder>/step-<global step, 10 digits>.pt``, written by rank 0 to a temp file and
+renamed (a kill mid-write leaves the previous checkpoint intact); the newest ``keep`` stay.
+The folder is keyed by ``run_key`` (config + exact table versions + world size), so re-running
+the same command finds it; a finished run's model version is committed first, then its
+checkpoints are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spark_features.errors import TowerlakeError
+
+_NAME = re.compile(r"step-(\d{10})\.pt")
+
+
+class IncompatibleCheckpointError(TowerlakeError):
+    """A checkpoint was written by a different model config, schema or world size."""
+
+
+def run_key(config: dict, table_versions: dict[str, int], train_split: str, world_size: int) -> str:
+    """Stable id of "the same training run": 16 hex chars of a hash of its inputs."""
+    text = json.dumps({"config": config, "tables": table_versions, "split": train_split, "world": world_size},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class CheckpointManager:
+    """Writes, finds, loads and prunes the checkpoints of one run (``folder``)."""
+
+    def __init__(self, folder: str | os.PathLike[str], keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 checkpoint, got {keep!r}")
+        self.folder = Path(folder)
+        self.keep = keep
+
+    def checkpoints(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.iterdir() if _NAME.fullmatch(p.name))
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save(self, payload: dict[str, Any], global_step: int) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        final = self.folder / f"step-{global_step:010d}.pt"
+        tmp = self.folder / f".{final.name}.tmp-{os.getpid()}"
+        torch.save(payload, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        for old in self.checkpoints()[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return final
+
+    def load(self, path: Path) -> dict[str, Any]:
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    def remove_all(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def check_compatible(payload: dict[str, Any], config: dict, schema_json: str, world_size: int, path: Path) -> None:
+    """Raise IncompatibleCheckpointError naming what differs."""
+    problems = []
+    if payload["config"] != config:
+        keys = sorted(k for k in set(payload["config"]) | set(config) if payload["config"].get(k) != config.get(k))
+        problems.append(f"config fields {', '.join(keys)} differ")
+    if payload["schema"] != schema_json:
+        problems.append("feature schema (fields or vocabulary sizes) differs")
+    if payload["world_size"] != world_size:
+        problems.append(f"it was written by {payload['world_size']} processes, this run has {world_size}")
+    if problems:
+        raise IncompatibleCheckpointError(
+            f"checkpoint {path} does not belong to this run ({'; '.join(problems)}): delete {path.parent} "
+            "or re-run with --fresh to start over")
+
+
+class isolated_rng:
+    """Iterate ``iterator`` with the global torch RNG swapped for a stream of its own (seeded
+    by ``seed``), so whatever the iterator draws (Petastorm's shuffling buffer uses
+    ``torch.randperm``) neither disturbs nor depends on the training's own draws."""
+
+    def __init__(self, iterator: Iterator, seed: int) -> None:
+        self.iterator = iterator
+        outer = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.state = torch.get_rng_state()
+        torch.set_rng_state(outer)
+
+    def __iter__(self) -> isolated_rng:
+        return self
+
+    def __next__(self):
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.state)
+        try:
+            return next(self.iterator)
+        finally:
+            self.state = torch.get_rng_state()
+            torch.set_rng_state(outer)
