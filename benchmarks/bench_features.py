@@ -50,7 +50,7 @@ def main() -> int:
     datasets = []
     if not args.no_movielens:
         datasets.append(("movielens-100k", 100_000, None))
-    datasets += [(f"synthetic-{n:,}", n, n) for n in sorted(args.synthetic)]
+    datasets += [(f"synthetic-{n}", n, n) for n in sorted(args.synthetic)]
     timings = {}
     for name, n_events, synthetic_n in datasets:
         lake = Lake(str(work / name))

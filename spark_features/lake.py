@@ -53,7 +53,16 @@ class Lake:
     def __post_init__(self) -> None:
         if not self.root:
             raise ValueError("Lake.root must be a folder path or URI, got an empty string")
-        object.__setattr__(self, "root", to_uri(self.root))
+        uri = to_uri(self.root)
+        if uri.startswith("file://"):
+            from urllib.parse import unquote
+
+            if unquote(uri) != uri:
+                # Spark writes such a path literally while URIs (delta-rs, pyarrow) encode it:
+                # the two would disagree on where the files are.
+                raise ValueError(f"lake root {self.root!r} has characters that need URI encoding (a space, a comma, "
+                                 "'%', ...): pick a folder whose path has only letters, digits and - _ . /")
+        object.__setattr__(self, "root", uri)
 
     def table(self, relative: str) -> str:
         relative = relative.strip("/")
