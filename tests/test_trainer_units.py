@@ -151,3 +151,22 @@ def test_config_validation_names_the_field():
     cfg = preset("dat").with_overrides({"model.hidden": [64], "lr": 0.01})
     assert cfg.model.hidden == (64,) and cfg.lr == 0.01
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_offline_negatives_transform_keeps_the_asked_kinds_and_pads():
+    import pandas as pd
+
+    from trainer.data import _negatives_transform
+
+    frame = pd.DataFrame({
+        "user_idx": [1, 2, 3],
+        "neg_item_idx": [np.array([5, 6, 7]), np.array([], dtype=np.int64), np.array([8, 9, 10, 11])],
+        "neg_kind": [np.array(["random", "hard", "random"]), np.array([], dtype=object),
+                     np.array(["popularity", "random", "random", "random"])],
+    })
+    spec = _negatives_transform(2, ("random",))
+    out = spec.func(frame.copy())
+    assert list(out.columns) == ["user_idx", "neg_item_idx"]
+    np.testing.assert_array_equal(np.stack(out["neg_item_idx"].to_list()), [[5, 7], [0, 0], [9, 10]])
+    every = _negatives_transform(3, None).func(frame.copy())
+    np.testing.assert_array_equal(np.stack(every["neg_item_idx"].to_list()), [[5, 6, 7], [0, 0, 0], [8, 9, 10]])

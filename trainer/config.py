@@ -99,6 +99,7 @@ class TrainConfig:
     logq: bool = True
     mixed_negatives: int = 0
     max_offline_negatives: int = 8
+    offline_negative_kinds: tuple[str, ...] = ("random", "popularity", "hard")
     dat_mimic_weight: float = 0.0
     dat_cal_weight: float = 0.0
     optimizer: OptimizerKind = "adam"
@@ -140,6 +141,10 @@ class TrainConfig:
                              f"got {self.early_stopping_metric!r}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch <= 0:
             raise ValueError(f"TrainConfig.max_steps_per_epoch must be > 0 or None, got {self.max_steps_per_epoch!r}")
+        unknown_kinds = sorted(set(self.offline_negative_kinds) - {"random", "popularity", "hard"})
+        if unknown_kinds or not self.offline_negative_kinds:
+            raise ValueError("TrainConfig.offline_negative_kinds must be a non-empty subset of random, popularity, "
+                             f"hard, got {self.offline_negative_kinds!r}")
         if self.loss == "bce" and self.max_offline_negatives == 0:
             raise ValueError("TrainConfig.loss 'bce' needs offline negatives: max_offline_negatives must be > 0")
         if self.dat_mimic_weight > 0 and not self.model.dat:
@@ -187,8 +192,10 @@ def _dataclass_from_dict(cls: type, data: dict[str, Any], **extra: Any) -> Any:
 # (README, "Training"); the others are the ablations it is compared with.
 _BASE_MODEL = ModelConfig()
 PRESETS: dict[str, TrainConfig] = {
-    "dssm-bce": TrainConfig(loss="bce", logq=False, model=_BASE_MODEL),
-    "dssm-senet-bce": TrainConfig(loss="bce", logq=False, model=replace(_BASE_MODEL, senet_user=True, senet_item=True)),
+    # The DSSM setup: pointwise BCE on uniformly sampled (random-kind) offline negatives.
+    "dssm-bce": TrainConfig(loss="bce", logq=False, offline_negative_kinds=("random",), model=_BASE_MODEL),
+    "dssm-senet-bce": TrainConfig(loss="bce", logq=False, offline_negative_kinds=("random",),
+                                  model=replace(_BASE_MODEL, senet_user=True, senet_item=True)),
     "softmax-logq": TrainConfig(loss="softmax", logq=True, model=_BASE_MODEL),
     "softmax-mixed": TrainConfig(loss="softmax", logq=True, mixed_negatives=512, model=_BASE_MODEL),
     "dat": TrainConfig(loss="softmax", logq=True, dat_mimic_weight=0.5, dat_cal_weight=1.0,

@@ -77,20 +77,29 @@ def _batch_from_numpy(columns: dict[str, np.ndarray], schema: FeatureSchema) -> 
     return out
 
 
-def _negatives_transform(width: int):
-    """Petastorm TransformSpec padding ``neg_item_idx`` (variable length) to ``width`` with 0."""
+def _negatives_transform(width: int, kinds: tuple[str, ...] | None):
+    """Petastorm TransformSpec: keep the offline negatives of ``kinds`` (all when None), pad
+    ``neg_item_idx`` to ``width`` with 0 and drop ``neg_kind`` (variable-length lists cannot be
+    collated). Vectorised over the flattened lists of one row group."""
     from petastorm import TransformSpec
 
     def pad(frame):
         arrays = frame["neg_item_idx"].to_numpy()
         lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
         flat = np.concatenate(arrays).astype(np.int64) if len(arrays) else np.zeros(0, np.int64)
+        if kinds is not None:
+            flat_kinds = np.concatenate(frame["neg_kind"].to_numpy()) if len(arrays) else np.zeros(0, str)
+            keep = np.isin(flat_kinds, kinds)
+            rows = np.repeat(np.arange(len(arrays)), lengths)
+            flat = flat[keep]
+            lengths = np.bincount(rows[keep], minlength=len(arrays))
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        padded = pad_list_array(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat)), width)
+        padded = pad_list_array(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.int64())),
+                                width)
         frame["neg_item_idx"] = list(padded.astype(np.int32))
-        return frame
+        return frame.drop(columns=["neg_kind"], errors="ignore")
 
-    return TransformSpec(pad, edit_fields=[("neg_item_idx", np.int32, (width,), False)])
+    return TransformSpec(pad, edit_fields=[("neg_item_idx", np.int32, (width,), False)], removed_fields=["neg_kind"])
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,8 @@ class LoaderSettings:
     shuffle_buffer: int
     seed: int
     negatives_width: int = 0  # > 0: read and pad pairs.neg_item_idx (pointwise loss)
+    negative_kinds: tuple[str, ...] | None = None  # offline negative kinds kept (None: all)
+    pin_memory: bool = False  # page-locked batches for asynchronous host-to-GPU copies
 
 
 @contextmanager
@@ -113,7 +124,7 @@ def train_batches(snapshot: DeltaSnapshot, schema: FeatureSchema, ctx: DistConte
 
     columns = [*user_columns(schema), "item_idx"]
     if settings.negatives_width:
-        columns.append("neg_item_idx")
+        columns += ["neg_item_idx", "neg_kind"]
     n_row_groups = _row_group_count(snapshot)
     if n_row_groups < ctx.world_size:
         raise BadInputError(f"pairs table has {n_row_groups} row groups but {ctx.world_size} ranks need one each: "
@@ -125,7 +136,8 @@ def train_batches(snapshot: DeltaSnapshot, schema: FeatureSchema, ctx: DistConte
             workers_count=settings.workers, seed=settings.seed + epoch, shuffle_row_groups=True,
             shard_seed=settings.seed, cur_shard=ctx.rank if ctx.distributed else None,
             shard_count=ctx.world_size if ctx.distributed else None, num_epochs=1,
-            transform_spec=_negatives_transform(settings.negatives_width) if settings.negatives_width else None,
+            transform_spec=(_negatives_transform(settings.negatives_width, settings.negative_kinds)
+                            if settings.negatives_width else None),
         )
     try:
         loader = BatchedDataLoader(reader, batch_size=settings.batch_size,
@@ -135,7 +147,8 @@ def train_batches(snapshot: DeltaSnapshot, schema: FeatureSchema, ctx: DistConte
             for raw in loader:
                 if raw["user_idx"].shape[0] < settings.batch_size:
                     continue  # the last partial batch: every rank must gather equal shapes
-                yield _batch_from_numpy({k: v.numpy() for k, v in raw.items()}, schema)
+                batch = _batch_from_numpy({k: v.numpy() for k, v in raw.items()}, schema)
+                yield {k: v.pin_memory() for k, v in batch.items()} if settings.pin_memory else batch
 
         yield batches()
     finally:
