@@ -28,8 +28,14 @@ def setup_logging(job: str) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stdout,
     )
-    for noisy in ("py4j", "pyspark"):
+    # Library chatter that says nothing a person can act on: petastorm's "not created with
+    # Petastorm" notes for plain Parquet (expected: pairs are Delta tables) and faiss' search
+    # for CPU-specific builds.
+    for noisy in ("py4j", "pyspark", "petastorm", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 @contextmanager
