@@ -76,7 +76,9 @@ class DistContext:
         if self.backend == "horovod":
             import horovod.torch as hvd
 
-            return hvd.broadcast_object(obj, root_rank=src)
+            # Horovod names the collective after type(obj) unless told: rank 0's dict and the
+            # other ranks' None would wait on differently named broadcasts forever.
+            return hvd.broadcast_object(obj, root_rank=src, name="towerlake.broadcast_object")
         box = [obj]
         dist.broadcast_object_list(box, src=src)
         return box[0]
@@ -88,7 +90,7 @@ class DistContext:
         if self.backend == "horovod":
             import horovod.torch as hvd
 
-            return hvd.allgather_object(obj)
+            return hvd.allgather_object(obj, name="towerlake.gather_object")
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
@@ -219,5 +221,9 @@ def wrap_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, ctx
 
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    # A fresh optimizer has no state and the same hyperparameters on every rank. Horovod would
+    # "initialise" it with a zero-gradient step(), which advances Adam's step count (so its
+    # bias correction differs from DDP's and single-process training) and applies weight decay once.
+    if optimizer.state_dict()["state"]:
+        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
     return optimizer
