@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spark_features.errors import TowerlakeError
-from spark_features.lake import Lake, to_local_path
+from spark_features.lake import Lake, fsync_path, to_local_path
 
 if TYPE_CHECKING:  # faiss and torch load only when an index is built
     from index_builder.faiss_index import IndexConfig
@@ -113,13 +113,6 @@ class IndexBuildReport:
     unknown_items: int = 0
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def write_id_map(folder: Path, item_idx: np.ndarray, item_ids: pa.Array | pa.ChunkedArray) -> None:
     """``id_map.parquet``: item_idx int64, item_id string (temp file + rename)."""
@@ -145,7 +138,7 @@ def _install(staging: Path, final: Path, force: bool) -> bool:
         if replaced:
             os.rename(trash, final)
         raise
-    _fsync(final.parent)
+    fsync_path(final.parent)
     if replaced:
         shutil.rmtree(trash, ignore_errors=True)
     return replaced
@@ -258,8 +251,8 @@ def build_item_index(lake_root: str, model_version: str, index_version: str, con
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, staging / MANIFEST_FILE)
         for path in staging.iterdir():
-            _fsync(path)
-        _fsync(staging)
+            fsync_path(path)
+        fsync_path(staging)
         replaced = _install(staging, final, force)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

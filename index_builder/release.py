@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from spark_features.errors import TowerlakeError
-from spark_features.lake import to_local_path
+from spark_features.lake import fsync_path, to_local_path
 
 RELEASES_DIR = "releases"
 CURRENT_FILE = "CURRENT"
@@ -119,13 +119,6 @@ def _check_version(version: Any) -> str:
         )
     return version
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _hash_and_fsync(path: Path) -> str:
@@ -331,7 +324,7 @@ def _remove_release_dir(releases: Path, folder: Path) -> None:
     """Rename away first (atomic), then delete: a crash mid-delete never leaves a listed half release."""
     trash = releases / f"{TRASH_PREFIX}{folder.name}-{uuid.uuid4().hex[:8]}"
     os.rename(folder, trash)
-    _fsync_dir(releases)
+    fsync_path(releases)
     shutil.rmtree(trash)
 
 
@@ -342,7 +335,7 @@ def _switch_current(releases: Path, version: str, hook: Callable[[], None] | Non
     if hook is not None:
         hook()
     os.replace(tmp, releases / CURRENT_FILE)
-    _fsync_dir(releases)
+    fsync_path(releases)
 
 
 def publish_release(
@@ -409,7 +402,7 @@ def publish_release(
                 path = staging / relative
                 files[relative.as_posix()] = {"sha256": _hash_and_fsync(path), "bytes": path.stat().st_size}
             for folder in sorted({(staging / p).parent for p in files}, key=lambda p: -len(p.parts)):
-                _fsync_dir(folder)
+                fsync_path(folder)
             full_manifest = {
                 **dict(manifest),
                 "version": version,
@@ -423,11 +416,11 @@ def publish_release(
             _write_text_durably(manifest_tmp, json.dumps(full_manifest, indent=2, sort_keys=True) + "\n")
             _reach("manifest", fail_at)
             os.replace(manifest_tmp, staging / MANIFEST_FILE)
-            _fsync_dir(staging)
+            fsync_path(staging)
             _reach("rename", fail_at)
             os.rename(staging, target)
             renamed = True
-            _fsync_dir(releases)
+            fsync_path(releases)
             _switch_current(releases, version, hook=lambda: _reach("pointer", fail_at))
         except BaseException:
             # Not current yet: take this publish's files away so the version can be retried.

@@ -69,3 +69,12 @@ class Lake:
         if not relative or ".." in relative.split("/"):
             raise ValueError(f"table path must be a relative path inside the lake, got {relative!r}")
         return f"{self.root}/{relative}"
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush a local file or folder entry to disk (folders: so a rename inside it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

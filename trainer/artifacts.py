@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from spark_features.errors import TowerlakeError
-from spark_features.lake import Lake, to_local_path
+from spark_features.lake import Lake, fsync_path, to_local_path
 from trainer.config import TrainConfig
 from trainer.feature_schema import FeatureSchema
 from trainer.towers import TwoTowerModel
@@ -81,21 +81,14 @@ class StagedModel:
     def commit(self) -> Path:
         final = self.root / self.version
         for path in self.folder.iterdir():
-            _fsync(path)
+            fsync_path(path)
         os.rename(self.folder, final)
-        _fsync(self.root)
+        fsync_path(self.root)
         return final
 
     def abort(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
