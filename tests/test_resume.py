@@ -75,6 +75,7 @@ def test_sigkill_mid_epoch_then_rerun_ends_with_identical_weights(ml_lake, tmp_p
     assert f"resumed at epoch 2, batch {latest - 20} " in resumed.stdout, resumed.stdout[-2000:]
     print(f"resumed run took {time.monotonic() - started:.1f}s in all")
 
+    assert not list(models.glob(".staging-resume-killed-*"))  # the killed run's leftovers are gone
     want = torch.load(models / "resume-ref" / "weights.pt", weights_only=True)
     got = torch.load(models / "resume-killed" / "weights.pt", weights_only=True)
     assert want.keys() == got.keys()

@@ -51,7 +51,7 @@ def test_torchrun_training_writes_a_complete_model_version(trained):
     assert test["model"]["hr@50"] > test["itempop"]["hr@50"]
     assert 0.5 < test["model"]["auc"] <= 1.0
     assert "model / ItemPop HR@50" in stdout and "wrote models/ddp-e2e" in stdout
-    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".staging")]
+    assert not list(folder.parent.glob(".staging-ddp-e2e-*"))
 
 
 def test_evaluate_job_reproduces_the_training_metrics(trained, tmp_path):

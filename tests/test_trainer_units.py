@@ -170,3 +170,24 @@ def test_offline_negatives_transform_keeps_the_asked_kinds_and_pads():
     np.testing.assert_array_equal(np.stack(out["neg_item_idx"].to_list()), [[5, 7], [0, 0], [9, 10]])
     every = _negatives_transform(3, None).func(frame.copy())
     np.testing.assert_array_equal(np.stack(every["neg_item_idx"].to_list()), [[5, 6, 7], [0, 0, 0], [8, 9, 10]])
+
+
+def test_staging_left_by_a_killed_run_is_removed_but_a_live_one_is_kept(tmp_path):
+    import json
+    import os
+    import socket
+
+    from trainer.artifacts import StagedModel
+
+    killed = StagedModel.start(str(tmp_path), "v1")  # as if its process died before commit
+    models = killed.folder.parent
+    dead = models / ".staging-other-dead"
+    dead.mkdir()
+    (dead / ".owner").write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345}))
+    live = models / ".staging-other-live"
+    live.mkdir()
+    (live / ".owner").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    again = StagedModel.start(str(tmp_path), "v1")  # the re-run of the same version
+    assert not killed.folder.exists() and not dead.exists() and live.exists()
+    path = again.commit()
+    assert path == models / "v1" and not (path / ".owner").exists()

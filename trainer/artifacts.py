@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -62,8 +63,10 @@ class StagedModel:
         root.mkdir(parents=True, exist_ok=True)
         if (root / version).exists():
             raise ValueError(f"model version {version} already exists under {root}; pick a new --version")
+        _remove_abandoned_staging(root, version)
         folder = root / f".staging-{version}-{uuid.uuid4().hex[:8]}"
         folder.mkdir()
+        (folder / ".owner").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         return cls(root=root, version=version, folder=folder)
 
     def write_json(self, name: str, data: Any) -> None:
@@ -80,6 +83,7 @@ class StagedModel:
 
     def commit(self) -> Path:
         final = self.root / self.version
+        (self.folder / ".owner").unlink(missing_ok=True)
         for path in self.folder.iterdir():
             fsync_path(path)
         os.rename(self.folder, final)
@@ -89,6 +93,32 @@ class StagedModel:
     def abort(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
+
+
+def _remove_abandoned_staging(root: Path, version: str) -> None:
+    """Staging folders a killed run left behind: the same version's (a re-run of the same
+    command; two live runs cannot both commit one version anyway), and any whose owner
+    process on this host is gone."""
+    host = socket.gethostname()
+    for folder in root.glob(".staging-*"):
+        abandoned = folder.name.startswith(f".staging-{version}-")
+        try:
+            owner = json.loads((folder / ".owner").read_text())
+            abandoned = abandoned or (owner.get("host") == host and not _pid_alive(int(owner["pid"])))
+        except (OSError, ValueError, KeyError):
+            pass
+        if abandoned:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
