@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from spark_features.delta_snapshot import DeltaSnapshot, resolve_snapshot, snapshot_file_path
+from spark_features.errors import TowerlakeError
 from spark_features.lake import Lake
 from trainer.artifacts import StagedModel
 from trainer.checkpoints import CheckpointManager, check_compatible, isolated_rng
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunInputs:
-    """The exact data one run reads."""
+    """The exact data one run reads. ``train`` may be a subset of a table's files (the
+    fine-tune's windows of ``pairs/incremental``); ``train_table`` names that table."""
 
     lake_root: str
     train: DeltaSnapshot
@@ -46,11 +48,12 @@ class RunInputs:
     items: DeltaSnapshot
     schema: FeatureSchema
     store: ItemFeatureStore
+    train_table: str = "pairs/train"
 
     @property
     def table_versions(self) -> dict[str, int]:
         versions = dict(self.schema.table_versions)
-        versions.update({"pairs/train": self.train.version, "pairs/valid": self.valid.version,
+        versions.update({self.train_table: self.train.version, "pairs/valid": self.valid.version,
                          "features/items": self.items.version})
         if self.test is not None:
             versions["pairs/test"] = self.test.version
@@ -58,23 +61,31 @@ class RunInputs:
 
 
 def history_length_of(snapshot: DeltaSnapshot) -> int:
-    """N of ``pairs.hist`` (every row is padded to N): read from the first row."""
-    first = pq.ParquetFile(snapshot_file_path(snapshot.files[0]))
-    column = first.read_row_group(0, columns=["hist"]).column(0)
-    return len(column[0].as_py()) if len(column) else 0
+    """N of ``pairs.hist`` (every row is padded to N): read from the first row of the first
+    non-empty row group (a small window's files can be empty)."""
+    for file in snapshot.files:
+        parquet = pq.ParquetFile(snapshot_file_path(file))
+        for group in range(parquet.metadata.num_row_groups):
+            if parquet.metadata.row_group(group).num_rows:
+                column = parquet.read_row_group(group, columns=["hist"]).column(0)
+                return len(column[0].as_py())
+    return 0
 
 
 def prepare_run(lake_root: str, config: TrainConfig, train_split: str = "train",
-                versions: dict[str, int] | None = None) -> RunInputs:
+                versions: dict[str, int] | None = None, train: DeltaSnapshot | None = None) -> RunInputs:
     """Pin pairs/{train,valid,test} and features/items (latest unless ``versions`` names one)
-    and load the schema and item store. ``train_split`` may be e.g. ``incremental``."""
+    and load the schema and item store. ``train_split`` may be e.g. ``incremental``; ``train``,
+    when given, is the already pinned (possibly file-filtered) snapshot of
+    ``pairs/<train_split>`` to train on."""
     versions = versions or {}
     lake = Lake(lake_root)
-    train = resolve_pairs(lake.root, train_split, versions.get(f"pairs/{train_split}"))
+    if train is None:
+        train = resolve_pairs(lake.root, train_split, versions.get(f"pairs/{train_split}"))
     valid = resolve_pairs(lake.root, "valid", versions.get("pairs/valid"))
     try:
         test = resolve_pairs(lake.root, "test", versions.get("pairs/test"))
-    except Exception:  # a time split without a test window
+    except TowerlakeError:  # a time split without a test window
         test = None
     items = resolve_snapshot(lake.table("features/items"), versions.get("features/items"))
     schema = load_feature_schema(lake.root, snapshot_columns(train), config.model.item_exclude,
@@ -82,7 +93,7 @@ def prepare_run(lake_root: str, config: TrainConfig, train_split: str = "train",
                                  versions={**versions, "features/items": items.version})
     store = load_item_store(items, schema)
     return RunInputs(lake_root=lake.root, train=train, valid=valid, test=test, items=items, schema=schema,
-                     store=store)
+                     store=store, train_table=f"pairs/{train_split}")
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -131,13 +142,14 @@ def train(config: TrainConfig, inputs: RunInputs, ctx: DistContext, staged: Stag
     negatives_width = config.max_offline_negatives if config.loss == "bce" else 0
     settings = LoaderSettings(batch_size=config.batch_size, workers=config.reader_workers,
                               shuffle_buffer=config.shuffle_buffer, seed=config.seed,
-                              negatives_width=negatives_width)
+                              negatives_width=negatives_width, negative_kinds=config.offline_negative_kinds,
+                              pin_memory=ctx.device.type == "cuda")
     rows = inputs.train.num_rows or 0
     steps_hint = rows // (config.batch_size * ctx.world_size)
     if config.max_steps_per_epoch:
         steps_hint = min(steps_hint, config.max_steps_per_epoch)
     if steps_hint == 0:
-        raise ValueError(f"pairs/train has {rows} rows, fewer than one global batch "
+        raise ValueError(f"{inputs.train_table} has {rows} training rows, fewer than one global batch "
                          f"({config.batch_size} x {ctx.world_size} ranks): lower --batch-size")
     result = TrainResult(model=model)
     best_value, best_state, stale = -math.inf, None, 0
@@ -187,7 +199,7 @@ def train(config: TrainConfig, inputs: RunInputs, ctx: DistContext, staged: Stag
                 batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
                 with _autocast(ctx.device):
                     step = task.loss(batch, global_step)
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()  # Horovod's DistributedOptimizer takes no argument; None grads are the default
                 step.total.backward()
                 optimizer.step()
                 global_step += 1
