@@ -199,6 +199,13 @@ def _check_field_names(overrides: dict) -> None:
         raise ValueError(f"unknown TrainConfig field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
+def _peer_died(err: RuntimeError) -> bool:
+    """A collective failed because another rank went away (gloo / NCCL / Horovod wording)."""
+    text = str(err)
+    return any(mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                         "NCCL communicator was aborted", "Horovod has been shut down"))
+
+
 def main(argv: list[str] | None = None) -> int:
     job = parse_config(argv)
     setup_logging("train")
@@ -250,8 +257,18 @@ def main(argv: list[str] | None = None) -> int:
             say(f"  resuming from {checkpoints.latest()} (--fresh starts over)")
         if ctx.is_main:
             staged = StagedModel.start(lake.root, job.version or new_model_version())
-        result = train(config, inputs, ctx, staged=staged, model=model, progress=job.progress, say=say,
-                       checkpoints=checkpoints)
+        try:
+            result = train(config, inputs, ctx, staged=staged, model=model, progress=job.progress, say=say,
+                           checkpoints=checkpoints)
+        except RuntimeError as err:
+            if not _peer_died(err):
+                raise
+            from spark_features.errors import TowerlakeError
+
+            raise TowerlakeError(
+                f"another training process died mid-run ({str(err).splitlines()[0][:160]}); no model version "
+                f"was written and the latest checkpoint is kept in {checkpoints.folder}: fix what that process's "
+                "log shows (out of memory, a killed node) and re-run the same command to resume") from err
         if ctx.is_main:
             results = {"valid": result.valid, **({"test": result.test} if result.test else {})}
             staged.save_weights({k: v.cpu() for k, v in result.model.state_dict().items()})
