@@ -86,15 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("build_index")
     from index_builder.item_index import build_item_index
     from spark_features.lake import Lake
-    from trainer.artifacts import ModelNotFoundError, list_model_versions
+    from trainer.artifacts import resolve_model_version
 
     lake = Lake(job.lake)
-    version = job.model
-    if version is None:
-        versions = list_model_versions(lake.root)
-        if not versions:
-            raise ModelNotFoundError(f"no model under {lake.root}/models: run `python -m jobs.train` first")
-        version = versions[-1]
+    version = resolve_model_version(lake.root, job.model)
     index_version = job.index_version or version
     started = time.monotonic()
     print(f"build_index: model {version} -> index/{index_version} (lake {lake.root})")

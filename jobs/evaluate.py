@@ -67,19 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("evaluate")
     from spark_features.delta_snapshot import resolve_snapshot
     from spark_features.lake import Lake
-    from trainer.artifacts import ModelNotFoundError, list_model_versions, load_model_dir, model_path
+    from trainer.artifacts import load_model_dir, model_path, resolve_model_version
     from trainer.data import resolve_pairs
     from trainer.evaluation import evaluate_split
     from trainer.item_store import load_item_store
     from trainer.report import metrics_table
 
     lake = Lake(config.lake)
-    version = config.model
-    if version is None:
-        versions = list_model_versions(lake.root)
-        if not versions:
-            raise ModelNotFoundError(f"no model under {lake.root}/models: run `python -m jobs.train` first")
-        version = versions[-1]
+    version = resolve_model_version(lake.root, config.model)
     loaded = load_model_dir(model_path(lake.root, version))
     items = resolve_snapshot(lake.table("features/items"))
     schema = loaded.schema

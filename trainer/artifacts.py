@@ -158,6 +158,16 @@ def list_model_versions(lake_root: str) -> list[str]:
                   and (p / "weights.pt").is_file())
 
 
+def resolve_model_version(lake_root: str, version: str | None) -> str:
+    """``version`` itself, or the newest model version under ``models/`` when None."""
+    if version is not None:
+        return version
+    versions = list_model_versions(lake_root)
+    if not versions:
+        raise ModelNotFoundError(f"no model under {Lake(lake_root).root}/models: run `python -m jobs.train` first")
+    return versions[-1]
+
+
 def load_model_dir(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> LoadedModel:
     """Rebuild the towers from a model folder (``models/<version>`` or a release's copy)."""
     path = Path(path)
