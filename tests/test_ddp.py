@@ -54,6 +54,7 @@ def _worker(rank: int, port: int, name: str, out: str) -> None:
         total = ctx.all_reduce(loss.clone()) / WORLD
         if rank == 0:
             torch.save({"state": model.state_dict(), "loss": total}, out)
+        ctx.barrier()  # tear down together: gloo aborts a process whose peer already left mid-teardown
     finally:
         shutdown(ctx)
 
@@ -116,6 +117,7 @@ def _shard_worker(rank: int, port: int, table: str, out: str) -> None:
         torch.distributed.all_gather(gathered, counts)
         if rank == 0:
             torch.save(torch.stack(gathered), out)
+        ctx.barrier()
     finally:
         shutdown(ctx)
 
