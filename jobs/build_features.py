@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # spark-submit jobs/build_features.py runs this f
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs.cli import default_lake, run_job, setup_logging
+from jobs.cli import job_parser, run_job, setup_logging
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,7 @@ def _prefix(text: str) -> tuple[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.build_features", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lake", default=default_lake(), help="lake root (default: $TOWERLAKE_LAKE or ./lake)")
+    p = job_parser("build_features", __doc__)
     p.add_argument("--mode", choices=("full", "incremental"), default="full")
     window = p.add_mutually_exclusive_group()
     window.add_argument("--hour", type=_hour, help="incremental window: one UTC hour, YYYY-MM-DDTHH")

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # python jobs/build_index.py
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs.cli import default_lake, run_job, setup_logging
+from jobs.cli import job_parser, run_job, setup_logging
 
 USE_GPU_CHOICES = ("auto", "never", "always")
 
@@ -51,9 +51,7 @@ class BuildIndexJobConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.build_index", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lake", default=default_lake(), help="lake root (default: $TOWERLAKE_LAKE or ./lake)")
+    p = job_parser("build_index", __doc__)
     p.add_argument("--model", help="model version under models/ (default: the newest)")
     p.add_argument("--index-version", help="name of the index folder (default: the model version)")
     p.add_argument("--factory", help="faiss factory string of an IVF index; {nlist} is replaced by the "

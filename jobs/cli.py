@@ -21,6 +21,17 @@ def default_lake() -> str:
     return os.environ.get("TOWERLAKE_LAKE", "lake")
 
 
+def job_parser(job: str, doc: str):
+    """The argument parser every job starts from: ``python -m jobs.<job>``, the first paragraph
+    of the job's docstring as description, the rest (examples) as epilog, and ``--lake``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m jobs.{job}", description=doc.split("\n\n")[0],
+                                     epilog=doc.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lake", default=default_lake(), help="lake root (default: $TOWERLAKE_LAKE or ./lake)")
+    return parser
+
+
 def setup_logging(job: str) -> None:
     logging.basicConfig(
         level=os.environ.get("TOWERLAKE_LOG_LEVEL", "INFO"),

@@ -23,7 +23,7 @@ if __package__ in (None, ""):
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs.cli import default_lake, run_job, setup_logging
+from jobs.cli import job_parser, run_job, setup_logging
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,7 @@ class EvaluateConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lake", default=default_lake(), help="lake root (default: $TOWERLAKE_LAKE or ./lake)")
+    p = job_parser("evaluate", __doc__)
     p.add_argument("--model", help="model version under models/ (default: the newest)")
     p.add_argument("--split", action="append", choices=("valid", "test"), help="repeatable (default: valid and test)")
     p.add_argument("--pairs-version", type=int, help="Delta version of the pairs tables (default: latest)")

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # python jobs/publish.py
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs.cli import default_lake, run_job, setup_logging
+from jobs.cli import job_parser, run_job, setup_logging
 
 Action = Literal["publish", "rollback", "list"]
 _PREVIOUS = ""  # --rollback without a version
@@ -63,9 +63,7 @@ class PublishJobConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.publish", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lake", default=default_lake(), help="lake root (default: $TOWERLAKE_LAKE or ./lake)")
+    p = job_parser("publish", __doc__)
     p.add_argument("--model", help="model version (default: the index's model, else the newest)")
     p.add_argument("--index", help="index version (default: the newest index built from the model)")
     p.add_argument("--tolerance", type=float, default=0.01,

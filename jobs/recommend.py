@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs.cli import default_lake, run_job, setup_logging
+from jobs.cli import job_parser, run_job, setup_logging
 
 Device = Literal["auto", "cpu", "cuda"]
 DEFAULT_OUTPUT = "recommendations"
@@ -68,9 +68,7 @@ class RecommendConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.recommend", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lake", default=default_lake(), help="lake root (default: $TOWERLAKE_LAKE or ./lake)")
+    p = job_parser("recommend", __doc__)
     p.add_argument("--user-id", action="append", default=[], help="original user id; repeatable (prints)")
     p.add_argument("--users-file", help="file with one user id per line (writes the Delta table)")
     p.add_argument("--all-users", action="store_true", help="every user of vocab/user_id (writes the Delta table)")

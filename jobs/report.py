@@ -11,7 +11,6 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ if __package__ in (None, ""):
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs.cli import default_lake, run_job, setup_logging
+from jobs.cli import job_parser, run_job, setup_logging
 
 DEFAULT_USERS = ("196", "1", "13")
 
@@ -40,9 +39,7 @@ class ReportConfig:
 
 
 def parse_config(argv: list[str] | None = None) -> ReportConfig:
-    p = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lake", default=default_lake(), help="lake root (default: $TOWERLAKE_LAKE or ./lake)")
+    p = job_parser("report", __doc__)
     p.add_argument("--user-id", action="append", help=f"sample users (repeatable; default {', '.join(DEFAULT_USERS)})")
     p.add_argument("--k", type=int, default=10, help="recommendations per sample user (default 10)")
     a = p.parse_args(argv)

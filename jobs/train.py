@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # python jobs/train.py
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jobs.cli import default_lake, run_job, setup_logging
+from jobs.cli import job_parser, run_job, setup_logging
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,7 @@ def _override(text: str) -> tuple[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lake", default=default_lake(), help="lake root (default: $TOWERLAKE_LAKE or ./lake)")
+    p = job_parser("train", __doc__)
     p.add_argument("--mode", choices=("full", "finetune"), default="full",
                    help="full: train from scratch on pairs/train; finetune: warm-start from a parent model on "
                    "one window of pairs/incremental")
