@@ -293,7 +293,7 @@ def _ddp_worker(rank: int, world: int, threads: int, port: int, lake: str, prese
                 versions: dict[str, int], warmup: int, steps: int, out: str) -> None:
     import torch
 
-    from trainer.distributed import init_distributed, shutdown
+    from trainer.distributed import exit_process, init_distributed, shutdown
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
                        "RANK": str(rank), "LOCAL_RANK": str(rank), "TOWERLAKE_FORCE_CPU": "1"})
@@ -307,8 +307,10 @@ def _ddp_worker(rank: int, world: int, threads: int, port: int, lake: str, prese
         if ctx.is_main:
             timing.seconds, timing.p50_s = float(slowest[0]), float(slowest[1])
             torch.save({"timing": vars(timing)}, out)
+        ctx.barrier()
     finally:
         shutdown(ctx)
+    exit_process(0)  # no interpreter finalisation under gloo: see exit_process
 
 
 def ddp_run(world: int, threads: int, args, versions: dict[str, int]) -> Timing:

@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 
 def default_lake() -> str:
@@ -57,20 +58,21 @@ def timed(label: str, say: Callable[[str], None] = print) -> Iterator[None]:
     say(f"  [{label}] {time.monotonic() - start:.1f}s")
 
 
-def run_job(job: str, main: Callable[[], int | None]) -> None:
-    """Run ``main`` and exit with the contract above."""
+def run_job(job: str, main: Callable[[], int | None], leave: Callable[[int], NoReturn] = sys.exit) -> None:
+    """Run ``main`` and leave through ``leave`` with the contract above (jobs that join a gloo
+    group pass ``trainer.distributed.exit_process``)."""
     from spark_features.errors import TowerlakeError
 
     try:
         code = main() or 0
     except KeyboardInterrupt:
         print(f"error: {job} interrupted; tables keep their last committed version", file=sys.stderr)
-        sys.exit(130)
+        leave(130)
     except (TowerlakeError, ValueError) as err:
         if os.environ.get("TOWERLAKE_DEBUG"):
             traceback.print_exc()
         print(f"error: {job}: {_one_line(err)}", file=sys.stderr)
-        sys.exit(2)
+        leave(2)
     except Exception as err:
         traceback.print_exc()
         print(
@@ -78,8 +80,8 @@ def run_job(job: str, main: Callable[[], int | None]) -> None:
             "tables keep their last committed version; see the traceback above",
             file=sys.stderr,
         )
-        sys.exit(1)
-    sys.exit(code)
+        leave(1)
+    leave(code)
 
 
 def _one_line(err: BaseException) -> str:

@@ -331,4 +331,6 @@ def _plan_finetune(job: TrainJobConfig, lake_root: str, world_size: int, say):
 
 
 if __name__ == "__main__":
-    run_job("train", lambda: main(sys.argv[1:]))
+    from trainer.distributed import exit_process
+
+    run_job("train", lambda: main(sys.argv[1:]), leave=exit_process)

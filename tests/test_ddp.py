@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from tests.trainer_fixtures import free_port, set_dist_env, tiny_batch, tiny_schema, tiny_store
 from trainer.config import ModelConfig, TrainConfig
-from trainer.distributed import DistContext, init_distributed, shutdown, wrap_model
+from trainer.distributed import DistContext, exit_process, init_distributed, shutdown, wrap_model
 from trainer.task import TwoTowerTrainTask
 from trainer.towers import TwoTowerModel
 
@@ -57,6 +57,7 @@ def _worker(rank: int, port: int, name: str, out: str) -> None:
         ctx.barrier()  # tear down together: gloo aborts a process whose peer already left mid-teardown
     finally:
         shutdown(ctx)
+    exit_process(0)  # no interpreter finalisation under gloo: see exit_process
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -120,6 +121,7 @@ def _shard_worker(rank: int, port: int, table: str, out: str) -> None:
         ctx.barrier()
     finally:
         shutdown(ctx)
+    exit_process(0)
 
 
 def test_uneven_shards_run_the_same_number_of_steps_on_every_rank_without_hanging(tmp_path):
