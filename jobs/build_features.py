@@ -42,6 +42,7 @@ class BuildConfig:
     engine: str
     master: str | None
     features: object  # spark_features.feature_config.FeatureConfig (imported lazily)
+    release_negatives: Literal["auto", "off"] = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in ("full", "incremental"):
@@ -107,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-cut", type=_moment, help="--split time: valid = events in [valid-cut, cut)")
     p.add_argument("--negatives", default="random:4,popularity:2,hard:2",
                    help="offline negatives per positive, KIND:COUNT,... over random|popularity|hard, or none")
+    p.add_argument("--release-negatives", choices=("auto", "off"), default="auto",
+                   help="full mode, hard negatives: auto = when a release is published, also draw them from the "
+                   "items it ranks 20-100 for each user (mined into negatives/release_ranked first); off = "
+                   "categories only")
+    p.add_argument("--ranked-share", type=float, default=0.5,
+                   help="share of hard draws taken from the release's ranked list for users who also have "
+                   "preferred categories (default 0.5)")
     p.add_argument("--id-min-count", type=int, default=1, help="ids seen fewer times map to unknown (0)")
     p.add_argument("--min-count", type=int, default=1, help="categorical values seen fewer times map to unknown (0)")
     p.add_argument("--buckets", type=int, default=10, help="quantile buckets per numeric attribute")
@@ -130,11 +138,12 @@ def parse_config(argv: list[str] | None = None) -> BuildConfig:
         history_length=a.history_length, label_min_rating=a.label_min_rating, split=a.split,
         min_positives_for_holdout=a.min_positives, time_cut=a.cut, valid_cut=a.valid_cut,
         negatives=a.negatives, seed=a.seed, prefix_columns=dict(a.prefix), primary_category=a.primary_category,
+        hard_ranked_share=a.ranked_share,
     )
     start = a.hour or a.date
     end = None if start is None else start + (timedelta(hours=1) if a.hour else timedelta(days=1))
     return BuildConfig(lake=a.lake, mode=a.mode, window_start=start, window_end=end, as_of=a.as_of,
-                       engine=a.engine, master=a.master, features=features)
+                       engine=a.engine, master=a.master, features=features, release_negatives=a.release_negatives)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         if config.mode == "full":
             from spark_features.training_data import build_training_data
 
-            report = build_training_data(spark, io, lake, config.features, as_of=config.as_of)
+            ranked = _release_ranked(io, lake, config)
+            report = build_training_data(spark, io, lake, config.features, as_of=config.as_of, ranked=ranked)
             _print_full(report)
         else:
             from spark_features.incremental import build_incremental
@@ -164,6 +174,34 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         spark.stop()
     return 0
+
+
+def _release_ranked(io, lake, config: BuildConfig):
+    """Mine CURRENT's ranks 20-100 for every user into negatives/release_ranked and return them
+    as a DataFrame (user_idx, items); None when off, when --negatives has no hard kind, or when
+    no release is published yet (the first night: hard negatives come from categories)."""
+    from spark_features.negatives import parse_negative_specs
+
+    if config.release_negatives == "off" or not any(s.kind == "hard" for s in parse_negative_specs(
+            config.features.negatives)):
+        return None
+    from tqdm import tqdm
+
+    from index_builder.release_negatives import mine_release_negatives
+
+    with tqdm(desc="mine release negatives", unit="user", dynamic_ncols=True, mininterval=1.0) as bar:
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        mined = mine_release_negatives(lake.root, on_batch=advance)
+    if mined is None:
+        print("hard negatives: no published release yet; drawing them from each user's preferred categories")
+        return None
+    print(f"hard negatives: release {mined.release_version} ranks {mined.first_rank}-{mined.last_rank} for "
+          f"{mined.users:,} users ({mined.candidates:,} candidates) -> {mined.table_uri} v{mined.table_version} "
+          f"in {mined.seconds:.1f}s; share of hard draws from them: {config.features.hard_ranked_share}")
+    return io.read_table(mined.table_uri, mined.table_version).select("user_idx", "items")
 
 
 def _print_full(report) -> None:

@@ -26,7 +26,9 @@ class FeatureConfig:
     ``prefix_columns``: derived categoricals, e.g. {"users.zip_code": 3} adds
     ``zip_code_prefix`` (the first 3 characters). ``primary_category``: the items column whose
     (first) value is an item's primary category (for the category alignment loss); None picks
-    ``category`` if present, else the first multi-valued column.
+    ``category`` if present, else the first multi-valued column. ``hard_ranked_share``: when
+    the build is given release-ranked lists (``negatives/release_ranked``), the probability
+    that a hard draw of a user with preferred categories takes an item of their list instead.
     """
 
     id_min_count: int = 1
@@ -43,6 +45,7 @@ class FeatureConfig:
     prefix_columns: Mapping[str, int] = field(default_factory=dict)
     primary_category: str | None = None
     rows_per_file: int = 500_000
+    hard_ranked_share: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("id_min_count", "categorical_min_count", "history_length", "numeric_buckets",
@@ -60,6 +63,8 @@ class FeatureConfig:
             raise ValueError("--cut/--valid-cut only apply to --split time")
         if self.min_positives_for_holdout < 3 and self.split == "leave-last-out":
             raise ValueError("FeatureConfig.min_positives_for_holdout must be >= 3 (one train, one valid, one test)")
+        if not 0.0 <= self.hard_ranked_share <= 1.0:
+            raise ValueError(f"FeatureConfig.hard_ranked_share must be in [0, 1], got {self.hard_ranked_share!r}")
         for key, length in self.prefix_columns.items():
             if "." not in key or key.split(".")[0] not in ("users", "items") or length < 1:
                 raise ValueError(f"prefix_columns keys are 'users.<col>' or 'items.<col>' with length >= 1, got {key!r}: {length!r}")

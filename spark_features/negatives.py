@@ -9,8 +9,11 @@ For every positive pair ``(pair_id, user_idx, item_idx)`` and every :class:`Nega
 * ``hard``: uniform over the items of the user's preferred categories: the user's
   ``hard_top_categories`` categories with most rows in ``user_items`` (ties by
   ``category_idx`` ascending, category 0 = unknown excluded). Each draw picks one of those
-  categories uniformly, then one of its items uniformly. Users without a preferred category
-  get no hard negatives.
+  categories uniformly, then one of its items uniformly. When ``ranked`` gives the user a
+  list of release-ranked items (the items a published release ranks 20-100 for them, see
+  ``index_builder.release_negatives``), a hard draw takes one of those instead with
+  probability ``ranked_share`` (always, for a user without preferred categories). Users
+  with neither get no hard negatives.
 
 Invariant: a negative is never in ``user_items`` for its user, never the pair's own positive
 item, and never repeated within one ``(pair_id, neg_kind)``. Candidates are drawn in rounds
@@ -20,7 +23,8 @@ A pair whose user has too few eligible items gets fewer rows, never a positive.
 
 How it scales (no per-row Python, no collect of anything that grows with users or events):
 
-* every draw is an equi-join against a catalog-sized table that is broadcast: a uniform
+* every draw is an equi-join against a catalog-sized table that is broadcast (a draw from
+  the user's ranked list needs none: the list rides on the request row): a uniform
   draw is ``position = floor(u * n_items)`` joined to items numbered ``0..n-1`` by
   ``item_idx``; a hard draw is ``(category_idx, floor(u * n_in_category))`` joined to items
   numbered within their category; a popularity draw uses a *guide table* (Chen & Asau's
@@ -84,6 +88,8 @@ _ITEMS_COLUMNS = {"item_idx": T.IntegerType(), "category_idx": T.IntegerType(), 
 _REQUEST_COLUMNS = ("pair_id", "user_idx", "positive_item", "neg_kind", "need", "taken", "offset")
 _CANDIDATE_COLUMNS = (*_REQUEST_COLUMNS, "draw_key", "item_idx")
 _CATEGORIES_TYPE = "array<struct<category_rank:int,category_idx:int,n_items:bigint>>"
+_RANKED_COLUMNS = {"user_idx": T.IntegerType(), "items": T.ArrayType(T.IntegerType())}
+DEFAULT_RANKED_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,8 @@ def sample_negatives(
     hard_top_categories: int = 2,
     max_attempts: int = 4,
     oversample: int = DEFAULT_OVERSAMPLE,
+    ranked: DataFrame | None = None,
+    ranked_share: float = DEFAULT_RANKED_SHARE,
 ) -> DataFrame:
     """Negatives for each positive pair, one row per negative, as :data:`NEGATIVES_SCHEMA`.
 
@@ -151,6 +159,9 @@ def sample_negatives(
     categories for ``hard``.
     ``items``: ``item_idx`` int (>= 1, unique), ``category_idx`` int (0 = unknown),
     ``popularity`` long (training positives, >= 0).
+    ``ranked`` (optional, used by ``hard``): ``user_idx`` int (unique), ``items`` array<int>:
+    the user's release-ranked candidates; ``ranked_share`` in [0, 1] is the probability that
+    a hard draw of a user who has both a ranked list and preferred categories uses the list.
 
     Per pair and spec at most ``spec.count`` rows with ``neg_rank`` ``0..`` in draw order;
     fewer only when ``max_attempts`` rounds of ``spec.count * oversample`` draws found fewer
@@ -165,13 +176,17 @@ def sample_negatives(
     positives = _conform_input("positives", positives, _POSITIVES_COLUMNS)
     user_items = _conform_input("user_items", user_items, _USER_ITEMS_COLUMNS)
     items = _conform_input("items", items, _ITEMS_COLUMNS)
+    if ranked is not None:
+        ranked = _conform_input("ranked", ranked, _RANKED_COLUMNS)
+    if isinstance(ranked_share, bool) or not isinstance(ranked_share, int | float) or not 0 <= ranked_share <= 1:
+        raise ValueError(f"sample_negatives ranked_share must be a number in [0, 1], got {ranked_share!r}")
     if not specs:
         return _as_negatives(positives.limit(0).select(*_empty_negative_columns()))
 
     catalog = _build_catalog(items, user_items, hard_top_categories)
-    draws = _DrawPlan(seed=seed, oversample=oversample, catalog=catalog, with_hard=any(
-        spec.kind == "hard" for spec in specs
-    ))  # fmt: skip
+    with_hard = any(spec.kind == "hard" for spec in specs)
+    draws = _DrawPlan(seed=seed, oversample=oversample, catalog=catalog, with_hard=with_hard,
+                      ranked=ranked if with_hard else None, ranked_share=float(ranked_share))
     # distinct: the flag join below must not multiply candidates by duplicate rows.
     positive_flags = user_items.distinct().withColumn("is_positive", F.lit(True))
 
@@ -188,6 +203,7 @@ def sample_negatives(
         F.array().cast("array<int>").alias("taken"),
         F.lit(0).cast("long").alias("offset"),
         "categories",
+        "ranked",
     )
     first_round = _select_round(draws.candidates(first_requests, 0, 1), positive_flags)
     negatives = _chosen_rows(first_round)
@@ -350,30 +366,42 @@ class _DrawPlan:
     oversample: int
     catalog: _Catalog
     with_hard: bool
+    ranked: DataFrame | None = None
+    ranked_share: float = DEFAULT_RANKED_SHARE
 
     def with_user_categories(self, rows: DataFrame) -> DataFrame:
-        """``rows`` plus ``categories`` (empty for users without a preferred category).
+        """``rows`` plus ``categories`` (empty for users without a preferred category) and
+        ``ranked`` (the user's release-ranked items; empty without).
 
         Never null: Spark 4.0.5 compiled ``element_at`` over the left join's null arrays
         without a null check (an NPE inside an inferred filter), so the gap is an empty array.
         """
         no_categories = F.array().cast(_CATEGORIES_TYPE)
+        no_ranked = F.array().cast("array<int>")
         if not self.with_hard:
-            return rows.select("*", no_categories.alias("categories"))
+            return rows.select("*", no_categories.alias("categories"), no_ranked.alias("ranked"))
         joined = rows.join(self.catalog.user_categories, "user_idx", "left")
-        return joined.select(*rows.columns, F.coalesce("categories", no_categories).alias("categories"))
+        if self.ranked is not None:
+            joined = joined.join(self.ranked.withColumnRenamed("items", "ranked"), "user_idx", "left")
+        else:
+            joined = joined.select("*", F.lit(None).cast("array<int>").alias("ranked"))
+        return joined.select(*rows.columns, F.coalesce("categories", no_categories).alias("categories"),
+                             F.coalesce("ranked", no_ranked).alias("ranked"))
 
     def candidates(self, requests: DataFrame, first_attempt: int, end_attempt: int) -> DataFrame:
         """Candidates (``_CANDIDATE_COLUMNS``) of attempts ``[first_attempt, end_attempt)``.
 
-        ``requests`` has ``_REQUEST_COLUMNS`` and ``categories``. Every kind turns a draw into
-        a lookup key, so all kinds share one explode and one broadcast join. ``draw_key =
+        ``requests`` has ``_REQUEST_COLUMNS``, ``categories`` and ``ranked``. Every kind turns a
+        draw into a lookup key, so all kinds share one explode and one broadcast join; a draw
+        from the ranked list already holds its item (``direct_item``) and matches no lookup row
+        (the join is a left join; a draw left with no item is dropped). ``draw_key =
         attempt * draws_per_attempt + draw`` orders a (pair, kind)'s draws.
         """
         per_attempt = self._per_attempt
         exploded = requests.crossJoin(F.broadcast(self.catalog.sizes)).select(
             *_REQUEST_COLUMNS,
             "categories",
+            "ranked",
             "n_items",
             "n_weighted",
             F.explode(F.sequence(per_attempt * first_attempt, per_attempt * end_attempt - 1)).alias(
@@ -383,8 +411,10 @@ class _DrawPlan:
         keyed = exploded.select(*_REQUEST_COLUMNS, "draw_key", *self._lookup_key)
         point = F.col("cdf_point")
         return (
-            keyed.join(F.broadcast(self.catalog.lookup), ["lookup_space", "lookup_group", "lookup_slot"])
+            keyed.join(F.broadcast(self.catalog.lookup), ["lookup_space", "lookup_group", "lookup_slot"], "left")
             .where(point.isNull() | ((F.col("cdf_low") <= point) & (point < F.col("cdf_high"))))
+            .withColumn("item_idx", F.coalesce("direct_item", "item_idx"))
+            .where(F.col("item_idx").isNotNull())
             .select(*_CANDIDATE_COLUMNS)
         )
 
@@ -413,8 +443,9 @@ class _DrawPlan:
         """``lookup_space``, ``lookup_group``, ``lookup_slot``, ``cdf_point`` of one draw row.
 
         random: a position among all items; popularity: a point of the scaled CDF and its
-        bucket; hard: one of the user's categories, then a position within it (null, so no
-        candidate, for a user without preferred categories).
+        bucket; hard: either (probability ``ranked_share``, or always without categories) an
+        item of the user's ranked list as ``direct_item`` with a null key, or one of the user's
+        categories, then a position within it (null, so no candidate, for a user with neither).
         """
         per_attempt = self._per_attempt
         kind = F.col("neg_kind")
@@ -434,9 +465,17 @@ class _DrawPlan:
             F.floor(self._uniform("negatives:hard_item", per_attempt) * n_in_category), n_in_category - 1
         )
 
+        n_ranked = F.size("ranked")
+        use_ranked = (kind == "hard") & (n_ranked > 0) & (
+            (n_categories == 0) | (self._uniform("negatives:hard_source", per_attempt) < F.lit(self.ranked_share)))
+        ranked_slot = F.least(
+            F.floor(self._uniform("negatives:hard_ranked", per_attempt) * n_ranked), n_ranked - 1
+        )
+
         is_random, is_popularity = kind == "random", kind == "popularity"
         return [
-            F.when(is_random, _SPACE_CATALOG)
+            F.when(use_ranked, F.lit(None))
+            .when(is_random, _SPACE_CATALOG)
             .when(is_popularity, _SPACE_POPULARITY)
             .otherwise(_SPACE_CATEGORY)
             .alias("lookup_space"),
@@ -450,6 +489,7 @@ class _DrawPlan:
             .cast("long")
             .alias("lookup_slot"),
             F.when(is_popularity, point).alias("cdf_point"),
+            F.when(use_ranked, F.get("ranked", ranked_slot.cast("int"))).cast("int").alias("direct_item"),
         ]
 
 

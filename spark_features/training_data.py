@@ -81,9 +81,13 @@ def build_training_data(
     as_of: datetime | None = None,
     run_key: str = "full",
     say: Callable[[str], None] = print,
+    ranked: DataFrame | None = None,
 ) -> BuildReport:
     """Full build from the latest bronze snapshots. ``as_of`` (default: just after the last
-    event) is the cutoff for activity features; events at or after it are ignored."""
+    event) is the cutoff for activity features; events at or after it are ignored.
+    ``ranked`` (``user_idx``, ``items`` array<int>): release-ranked hard-negative candidates
+    per user (``index_builder.release_negatives``), mixed into the ``hard`` kind with
+    probability ``config.hard_ranked_share``; None: hard negatives come from categories only."""
     timings: dict[str, float] = {}
     clock = [time.monotonic()]
 
@@ -197,9 +201,13 @@ def build_training_data(
             "item_idx", F.col("primary_category_idx").alias("category_idx"), F.col("n_positives").alias("popularity"))
         negatives = sample_negatives(
             positives.select("pair_id", "user_idx", "item_idx"), positives.select("user_idx", "item_idx"), catalog,
-            negative_specs, seed=config.seed,
+            negative_specs, seed=config.seed, ranked=ranked, ranked_share=config.hard_ranked_share,
         ).persist(StorageLevel.MEMORY_AND_DISK)
         negative_mix = _negative_mix(negatives, positives)
+        if ranked is not None and any(spec.kind == "hard" for spec in negative_specs):
+            listed = ranked.select("user_idx", F.explode("items").alias("item_idx"))
+            negative_mix.setdefault("all", {})["hard in release list"] = (
+                negatives.where(F.col("neg_kind") == "hard").join(listed, ["user_idx", "item_idx"], "left_semi").count())
     base = attach_negatives(base, negatives).persist(StorageLevel.MEMORY_AND_DISK)
     holdout = positives.where(F.col("split") != "train").select("pair_id", "user_idx", "event_ts")
     seen = seen_before(holdout, events).persist(StorageLevel.MEMORY_AND_DISK)  # valid and test both use it

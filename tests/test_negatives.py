@@ -453,3 +453,75 @@ def test_random_is_uniform_and_popularity_follows_popularity_to_the_three_quarte
     unsmoothed_item_8 = 100 / sum(STAT_POPULARITY.values())
     assert abs(popularity_counts[8] / STAT_PAIRS - unsmoothed_item_8) > 0.05
     assert math.isclose(sum(smoothed.values()), 1.0)
+
+
+# --- hard negatives from a release's ranked lists ---------------------------------------------
+#
+# user -> the items a release ranked 20..100 for them (index_builder.release_negatives).
+# User 1's list holds its own positive 1 (never drawn) and two items outside its top
+# categories; user 3 has no preferred category, so its hard draws always use the list; every
+# bulk user gets the same list of unknown-category items, so a hard negative from the list is
+# recognisable (category 0 is never a preferred category).
+RANKED = {1: [30, 25, 1], 3: [5, 6, 27, 29], **{user: [27, 28, 29, 30] for user in range(100, 140)}}
+
+
+def _ranked_sample(world, spark, share: float) -> dict[int, set[int]]:
+    ranked = _frame(spark, [(user, items) for user, items in RANKED.items()], "user_idx int, items array<int>")
+    rows = _sample(world, parse_negative_specs("random:1,hard:3"), seed=SEED, ranked=ranked, ranked_share=share)
+    hard: dict[int, set[int]] = defaultdict(set)
+    for _pair, user, item, kind, _rank in rows:
+        if kind == "hard":
+            hard[user].add(item)
+    for user, items in _user_items_rows_by_user().items():
+        assert not hard.get(user, set()) & set(items), user  # never a positive, whatever the source
+    return hard
+
+
+def _user_items_rows_by_user() -> dict[int, list[int]]:
+    by_user: dict[int, list[int]] = defaultdict(list)
+    for user, item in _user_items_rows():
+        by_user[user].append(item)
+    return by_user
+
+
+@pytest.mark.spark
+def test_ranked_share_one_draws_hard_negatives_only_from_the_ranked_lists(world, spark):
+    hard = _ranked_sample(world, spark, 1.0)
+    positives = _user_items_rows_by_user()
+    assert hard[1] == {25, 30}  # item 1 is user 1's positive: only two eligible, so two rows
+    assert hard[3] == {5, 6, 29}  # 27 is a positive of user 3
+    for user in range(100, 140):
+        assert hard[user] <= set(RANKED[user]) - set(positives[user]), user
+    for user in (2, 4, 5, 6):  # no list: their categories, as without ranked lists
+        assert hard[user] <= {i for i in ALL_ITEMS if CATEGORY_OF[i] in _top_categories(positives[user], 2)}, user
+
+
+@pytest.mark.spark
+def test_ranked_share_zero_keeps_category_draws_but_a_user_without_categories_uses_the_list(world, spark):
+    hard = _ranked_sample(world, spark, 0.0)
+    positives = _user_items_rows_by_user()
+    assert hard[3] == {5, 6, 29}
+    for user in [1, *range(100, 140)]:
+        top = _top_categories(positives[user], 2)
+        assert all(CATEGORY_OF[item] in top for item in hard[user]), user
+
+
+@pytest.mark.spark
+def test_ranked_share_half_mixes_both_sources(world, spark):
+    hard = _ranked_sample(world, spark, 0.5)
+    from_list = sum(1 for user in range(100, 140) for item in hard[user] if CATEGORY_OF[item] == 0)
+    from_categories = sum(1 for user in range(100, 140) for item in hard[user] if CATEGORY_OF[item] != 0)
+    positives = _user_items_rows_by_user()
+    for user in range(100, 140):
+        allowed = set(RANKED[user]) | {i for i in ALL_ITEMS if CATEGORY_OF[i] in _top_categories(positives[user], 2)}
+        assert hard[user] <= allowed - set(positives[user]), user
+    # about half of the draws each way (the sample is a fixed function of the seed)
+    assert from_list > 20 and from_categories > 20, (from_list, from_categories)
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("share", [-0.1, 1.5, True, "half"])
+def test_ranked_share_outside_zero_one_is_refused(world, share):
+    with pytest.raises(ValueError) as raised:
+        sample_negatives(world["positives"], world["user_items"], world["items"], SPECS, ranked_share=share)
+    assert str(raised.value) == f"sample_negatives ranked_share must be a number in [0, 1], got {share!r}"

@@ -25,6 +25,7 @@ from deltalake import write_deltalake
 
 from index_builder.faiss_index import IndexConfig, build_index, save_index
 from index_builder.release import publish_release
+from index_builder.release_negatives import mine_release_negatives, ranked_slice
 from index_builder.serving import (
     NO_RELEASE_MESSAGE,
     NoReleaseError,
@@ -195,6 +196,21 @@ def brute_force_top_k(served, user_vector: np.ndarray, seen: set[int], k: int) -
     return [int(served["ids"][i]) for i in order], scores[order]
 
 
+def reference_user_vectors(served) -> np.ndarray:
+    """Every tiny-lake user's tower output, built independently from the lake's literal rows."""
+    root, lake = served["root"], served["lake"]
+    users = lake["user_ids"]
+    features = {r["user_id"]: r for r in read_table_deltars(Lake(str(root)).table("features/users")).to_pylist()}
+    n = served["model"].schema.history_length
+    with torch.no_grad():
+        return served["model"].model.embed_users({
+            "user_idx": torch.arange(1, len(users) + 1),
+            "hist": torch.tensor([expected_history(lake, r, n) for r in range(len(users))]),
+            "gender_idx": torch.tensor([features[u]["gender_idx"] for u in users]),
+            "age_bucket": torch.tensor([features[u]["age_bucket"] for u in users]),
+        }).numpy()
+
+
 @pytest.mark.parametrize("max_extra", [2048, 0])  # 0: the first search is too short, rows are re-searched
 def test_recommend_is_exact_top_k_of_unseen_items(served, max_extra):
     root, lake, k = served["root"], served["lake"], 10
@@ -205,17 +221,7 @@ def test_recommend_is_exact_top_k_of_unseen_items(served, max_extra):
     assert result.table.num_rows == len(users) * k
     rows = result.table.to_pylist()
     seen = bronze_seen(root)
-    # The user vector, built independently from the lake's literal rows.
-    features = {r["user_id"]: r for r in read_table_deltars(Lake(str(root)).table("features/users")).to_pylist()}
-    model = served["model"].model
-    n = served["model"].schema.history_length
-    with torch.no_grad():
-        vectors = model.embed_users({
-            "user_idx": torch.arange(1, len(users) + 1),
-            "hist": torch.tensor([expected_history(lake, r, n) for r in range(len(users))]),
-            "gender_idx": torch.tensor([features[u]["gender_idx"] for u in users]),
-            "age_bucket": torch.tensor([features[u]["age_bucket"] for u in users]),
-        }).numpy()
+    vectors = reference_user_vectors(served)
     item_id_to_idx = {item_id_of(i): i for i in served["ids"]}
     for row, user in enumerate(users):
         mine = [r for r in rows if r["user_id"] == user]
@@ -330,3 +336,46 @@ def test_help_and_config_errors_without_torch():
     assert lines[0].startswith("pick exactly one of --user-id, --users-file, --all-users, got 0")
     assert lines[1].startswith("pick exactly one") and "--user-id, --all-users" in lines[1]
     assert lines[2] == "--k must be >= 1, got 0"
+
+
+# ---------------------------------------------------------------------------------------------
+# release-ranked hard negatives (index_builder/release_negatives.py)
+
+
+def test_mined_release_negatives_are_exactly_ranks_first_to_last_of_the_unseen_brute_force_order(served, tmp_path):
+    root = tmp_path / "lake"
+    shutil.copytree(served["root"], root)
+    mined = mine_release_negatives(str(root), first_rank=5, last_rank=12, batch_users=7)  # 3 batches
+    lake = served["lake"]
+    assert (mined.release_version, mined.first_rank, mined.last_rank) == (RELEASE, 5, 12)
+    rows = read_table_deltars(mined.table_uri).to_pylist()
+    by_user = {r["user_idx"]: r for r in rows}
+    assert len(by_user) == len(rows) == len(lake["user_ids"]) == mined.users
+    seen = bronze_seen(root)
+    vectors = reference_user_vectors(served)
+    for row, user in enumerate(lake["user_ids"]):
+        want, _ = brute_force_top_k(served, vectors[row], seen[user], 12)
+        assert by_user[row + 1]["items"] == want[4:12], user
+        assert by_user[row + 1]["release_version"] == RELEASE and by_user[row + 1]["first_rank"] == 5
+        assert not set(by_user[row + 1]["items"]) & seen[user]
+    assert mined.candidates == sum(len(r["items"]) for r in rows) == 8 * len(rows)
+    again = mine_release_negatives(str(root), first_rank=5, last_rank=12)  # re-run: one overwrite, same rows
+    assert again.table_version == mined.table_version + 1
+    assert sorted(read_table_deltars(again.table_uri).to_pylist(), key=lambda r: r["user_idx"]) == sorted(
+        rows, key=lambda r: r["user_idx"])
+
+
+def test_mining_without_a_release_writes_nothing_and_bad_ranks_are_refused(served, tmp_path):
+    root = tmp_path / "lake"
+    make_tiny_lake(root)
+    assert mine_release_negatives(str(root)) is None
+    assert not (root / "negatives").exists()
+    for first, last in ((0, 10), (20, 10)):
+        with pytest.raises(ValueError, match="1 <= first_rank <= last_rank"):
+            mine_release_negatives(str(served["root"]), first_rank=first, last_rank=last)
+
+
+def test_ranked_slice_keeps_only_valid_slots():
+    ids = np.array([[9, 8, 7, 6, 5], [4, 3, -1, -1, -1], [1, 2, 3, 4, -1]], dtype=np.int64)
+    offsets, values = ranked_slice(ids, np.array([5, 2, 4]), first_rank=2, last_rank=4)
+    assert offsets.tolist() == [0, 3, 4, 7] and values.tolist() == [8, 7, 6, 3, 2, 3, 4]
