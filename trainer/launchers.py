@@ -81,6 +81,9 @@ def call_in_each_process(target: str, argv: list[str]) -> dict:
         if folder and os.path.isdir(folder):
             Path(folder, f"rank-{rank}.txt").write_text(line + "\n", encoding="utf-8")
         raise
+    from trainer.distributed import exit_without_finalising_at_interpreter_exit
+
+    exit_without_finalising_at_interpreter_exit()  # see trainer.distributed.exit_process
     return {"target": target, "exit_code": int(code), "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
 
 
