@@ -4,7 +4,10 @@ Everything runs in ONE Spark session. For each dataset it ingests the bronze tab
 (not timed), then times ``build_training_data`` (vocabularies, features/*, pairs with
 history and offline negatives) and prints rows/s, per-stage seconds, and the growth from
 the smallest to the largest synthetic size (1.0 = perfectly linear; the goal is <= 1.2).
-Run it on an otherwise idle machine:
+Run it on an otherwise idle machine; 10M events need more shuffle partitions and heap than
+the defaults (8 partitions / 4g ran out of heap at 10M):
+
+  TOWERLAKE_SHUFFLE_PARTITIONS=64 TOWERLAKE_DRIVER_MEMORY=8g .venv/bin/python benchmarks/bench_features.py
 
   .venv/bin/python benchmarks/bench_features.py                       # ML-100K, 1M, 10M
   .venv/bin/python benchmarks/bench_features.py --synthetic 1000000   # ML-100K and 1M only
