@@ -25,12 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from spark_features.lake import Lake, to_local_path
+from spark_features.lake import Lake
 
 RELEASE_RANKED_TABLE = "negatives/release_ranked"
 DEFAULT_FIRST_RANK = 20
@@ -81,11 +80,8 @@ def mine_release_negatives(lake_root: str, first_rank: int = DEFAULT_FIRST_RANK,
     """
     import time
 
-    from deltalake import write_deltalake
-
     from index_builder.release import current_release
-    from index_builder.serving import Retriever, csr_rows
-    from spark_features.delta_snapshot import deltars_location, open_table
+    from index_builder.serving import Retriever, overwrite_delta
 
     if not (isinstance(first_rank, int) and isinstance(last_rank, int) and 1 <= first_rank <= last_rank):
         raise ValueError(f"ranks must satisfy 1 <= first_rank <= last_rank, got {first_rank!r}..{last_rank!r}")
@@ -103,15 +99,12 @@ def mine_release_negatives(lake_root: str, first_rank: int = DEFAULT_FIRST_RANK,
         def batches():
             for user_ids in retriever.queries.iter_user_ids(batch_users):
                 queries = retriever.queries.build(user_ids)
-                known = np.flatnonzero(queries.known)
                 counts["done"] += len(user_ids)
                 if on_batch is not None:
                     on_batch(counts["done"], total)
-                if known.size == 0 or k < first_rank:
+                if not queries.known.any() or k < first_rank:
                     continue
-                seen_offsets, seen_values = csr_rows(queries.seen_offsets, queries.seen_values, known)
-                vectors = retriever.user_vectors(queries)[known]
-                ids, _scores, kept = retriever.search(vectors, seen_offsets, seen_values, k)
+                ids, _scores, kept = retriever.search_known(queries, k)
                 offsets, values = ranked_slice(ids, kept, first_rank, k)
                 has_any = np.diff(offsets) > 0
                 if not has_any.any():
@@ -121,7 +114,7 @@ def mine_release_negatives(lake_root: str, first_rank: int = DEFAULT_FIRST_RANK,
                 counts["users"] += rows
                 counts["candidates"] += int(values.size)
                 table = pa.table({
-                    "user_idx": pa.array(queries.user_idx[known][has_any].astype(np.int32), pa.int32()),
+                    "user_idx": pa.array(queries.user_idx[queries.known][has_any].astype(np.int32), pa.int32()),
                     "items": items.filter(pa.array(has_any)),
                     "release_version": pa.array([release] * rows, pa.string()),
                     "first_rank": pa.array(np.full(rows, first_rank, dtype=np.int32), pa.int32()),
@@ -129,12 +122,7 @@ def mine_release_negatives(lake_root: str, first_rank: int = DEFAULT_FIRST_RANK,
                 yield from table.to_batches()
 
         table_uri = lake.table(RELEASE_RANKED_TABLE)
-        local = to_local_path(table_uri)
-        if local is not None:
-            Path(local).parent.mkdir(parents=True, exist_ok=True)
-        reader = pa.RecordBatchReader.from_batches(RELEASE_RANKED_SCHEMA, batches())
-        write_deltalake(deltars_location(table_uri), reader, mode="overwrite", schema_mode="overwrite")
-        version = open_table(table_uri).version()
+        version = overwrite_delta(table_uri, RELEASE_RANKED_SCHEMA, batches())
     finally:
         retriever.close()
     return MinedNegatives(table_uri=table_uri, table_version=version, release_version=release, users=counts["users"],

@@ -478,6 +478,12 @@ class Retriever:
             todo, fetch = todo[more], min(ntotal, fetch * 2)
         return out_ids, out_scores, kept
 
+    def search_known(self, queries: UserQueries, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``search`` for the known users of ``queries`` (rows where ``queries.known``), in order."""
+        known = np.flatnonzero(queries.known)
+        offsets, values = csr_rows(queries.seen_offsets, queries.seen_values, known)
+        return self.search(self.user_vectors(queries)[known], offsets, values, k)
+
     def popular_for(self, seen_offsets: np.ndarray, seen_values: np.ndarray, k: int
                     ) -> tuple[np.ndarray, np.ndarray]:
         """The fallback: top-``k`` popular unseen items per row ``(ids (B, k), kept (B,))``."""
@@ -503,9 +509,7 @@ class Retriever:
         known = np.flatnonzero(queries.known)
         unknown = np.flatnonzero(~queries.known)
         if known.size:
-            offsets, values = csr_rows(queries.seen_offsets, queries.seen_values, known)
-            vectors = self.user_vectors(queries)[known]
-            ids[known], scores[known], kept[known] = self.search(vectors, offsets, values, k)
+            ids[known], scores[known], kept[known] = self.search_known(queries, k)
         if unknown.size:
             offsets, values = csr_rows(queries.seen_offsets, queries.seen_values, unknown)
             ids[unknown], kept[unknown] = self.popular_for(offsets, values, k)
@@ -547,16 +551,27 @@ class BatchWriteResult:
     unknown_users: int
 
 
+def overwrite_delta(table_uri: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int:
+    """Overwrite the Delta table at ``table_uri`` with the streamed ``batches`` in ONE commit
+    (readers see the old rows until it lands); returns the new version."""
+    from deltalake import write_deltalake
+
+    from spark_features.delta_snapshot import deltars_location, open_table
+
+    local = to_local_path(table_uri)
+    if local is not None:
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+    reader = pa.RecordBatchReader.from_batches(schema, batches)
+    write_deltalake(deltars_location(table_uri), reader, mode="overwrite", schema_mode="overwrite")
+    return open_table(table_uri).version()
+
+
 def write_recommendations(retriever: Retriever, user_batches: Iterable[list[str]], k: int, table_uri: str,
                           on_batch: Callable[[int], None] | None = None) -> BatchWriteResult:
     """Recommend for every batch of ``user_batches`` and overwrite the Delta table at
     ``table_uri`` with all of them in ONE commit (DELTA_SCHEMA rows; readers see the previous
     recommendations until the commit). Batches are streamed into the writer, so memory holds
     one batch of results, not the whole table. ``on_batch(users_in_batch)`` reports progress."""
-    from deltalake import write_deltalake
-
-    from spark_features.delta_snapshot import deltars_location, open_table
-
     counts = {"users": 0, "rows": 0, "unknown": 0}
     release = retriever.release.version
 
@@ -578,12 +593,6 @@ def write_recommendations(retriever: Retriever, user_batches: Iterable[list[str]
                 on_batch(len(user_ids))
             yield from out.to_batches()
 
-    location = deltars_location(table_uri)
-    local = to_local_path(table_uri)
-    if local is not None:
-        Path(local).parent.mkdir(parents=True, exist_ok=True)
-    reader = pa.RecordBatchReader.from_batches(DELTA_SCHEMA, batches())
-    write_deltalake(location, reader, mode="overwrite", schema_mode="overwrite")
-    version = open_table(table_uri).version()
+    version = overwrite_delta(table_uri, DELTA_SCHEMA, batches())
     return BatchWriteResult(table_uri=table_uri, version=version, users=counts["users"], rows=counts["rows"],
                             unknown_users=counts["unknown"])
