@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"model / ItemPop HR@50: {ratio:.2f}x; best epoch {result.best_epoch}; "
                 f"{result.samples_per_s:,.0f} samples/s; {result.seconds:.0f}s")
             say(f"wrote models/{path.name} -> {path}")
-        ctx.barrier()  # leave together: a rank tearing gloo down while its peer still writes can abort it
+        ctx.barrier()  # the other ranks end once rank 0 has committed the model version
     finally:
         if staged is not None:
             staged.abort()

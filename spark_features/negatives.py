@@ -381,12 +381,12 @@ class _DrawPlan:
         if not self.with_hard:
             return rows.select("*", no_categories.alias("categories"), no_ranked.alias("ranked"))
         joined = rows.join(self.catalog.user_categories, "user_idx", "left")
+        ranked = no_ranked
         if self.ranked is not None:
             joined = joined.join(self.ranked.withColumnRenamed("items", "ranked"), "user_idx", "left")
-        else:
-            joined = joined.select("*", F.lit(None).cast("array<int>").alias("ranked"))
+            ranked = F.coalesce("ranked", no_ranked)
         return joined.select(*rows.columns, F.coalesce("categories", no_categories).alias("categories"),
-                             F.coalesce("ranked", no_ranked).alias("ranked"))
+                             ranked.alias("ranked"))
 
     def candidates(self, requests: DataFrame, first_attempt: int, end_attempt: int) -> DataFrame:
         """Candidates (``_CANDIDATE_COLUMNS``) of attempts ``[first_attempt, end_attempt)``.

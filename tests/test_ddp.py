@@ -54,10 +54,10 @@ def _worker(rank: int, port: int, name: str, out: str) -> None:
         total = ctx.all_reduce(loss.clone()) / WORLD
         if rank == 0:
             torch.save({"state": model.state_dict(), "loss": total}, out)
-        ctx.barrier()  # tear down together: gloo aborts a process whose peer already left mid-teardown
+        ctx.barrier()
     finally:
         shutdown(ctx)
-    exit_process(0)  # no interpreter finalisation under gloo: see exit_process
+    exit_process(0)  # gloo: skip interpreter finalisation (see exit_process)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

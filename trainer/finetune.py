@@ -38,7 +38,14 @@ from spark_features.delta_snapshot import DeltaSnapshot, resolve_snapshot, snaps
 from spark_features.errors import BadInputError
 from spark_features.lake import Lake
 from spark_features.run_ledger import completed_windows
-from trainer.artifacts import LoadedModel, ModelNotFoundError, load_model_dir, model_path, models_root
+from trainer.artifacts import (
+    LoadedModel,
+    ModelNotFoundError,
+    list_model_versions,
+    load_model_dir,
+    model_path,
+    models_root,
+)
 from trainer.config import TrainConfig
 
 INCREMENTAL_PAIRS = "pairs/incremental"  # spark_features.incremental.INCREMENTAL_PAIRS (that module imports pyspark)
@@ -70,7 +77,7 @@ def resolve_parent(lake_root: str, version: str | None, release=None) -> Parent:
     if release is None:
         raise ModelNotFoundError(
             "--mode finetune needs a parent model: pass --parent VERSION (models/ has: "
-            f"{', '.join(_versions(lake_root)[-5:]) or 'none'}) or publish a release first "
+            f"{', '.join(list_model_versions(lake_root)[-5:]) or 'none'}) or publish a release first "
             "(python -m jobs.build_index && python -m jobs.publish)")
     wanted = release.manifest.get("model_version")
     if wanted and (models_root(lake_root) / wanted / "weights.pt").is_file():
@@ -81,12 +88,6 @@ def resolve_parent(lake_root: str, version: str | None, release=None) -> Parent:
     raise ModelNotFoundError(
         f"the current release {release.version} names model {wanted!r}, but neither models/{wanted} nor "
         f"{copy} holds its weights: pass --parent VERSION or publish a complete release")
-
-
-def _versions(lake_root: str) -> list[str]:
-    from trainer.artifacts import list_model_versions
-
-    return list_model_versions(lake_root)
 
 
 def finetune_config(parent: TrainConfig, overrides: dict) -> TrainConfig:
