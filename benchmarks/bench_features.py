@@ -36,10 +36,10 @@ def main() -> int:
     args = parser.parse_args()
 
     from jobs.spark_context import build_spark_session
+    from lake_contract.feature_config import FeatureConfig
+    from lake_contract.lake import Lake
     from spark_features.delta_io import DeltaLakeIO
-    from spark_features.feature_config import FeatureConfig
     from spark_features.ingest import IngestOptions, RawTables, ingest, read_source
-    from spark_features.lake import Lake
     from spark_features.sources import movielens_100k_spec, synthetic_source_spec
     from spark_features.synthetic import SyntheticConfig, generate_synthetic
     from spark_features.training_data import build_training_data

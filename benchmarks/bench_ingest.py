@@ -34,9 +34,9 @@ def main() -> int:
     args = parser.parse_args()
 
     from jobs.spark_context import build_spark_session
+    from lake_contract.lake import Lake
     from spark_features.delta_io import DeltaLakeIO
     from spark_features.ingest import IngestOptions, RawTables, ingest
-    from spark_features.lake import Lake
     from spark_features.sources import synthetic_source_spec
     from spark_features.synthetic import SyntheticConfig, generate_synthetic
 

@@ -194,7 +194,7 @@ def preloaded_step(config, inputs, warmup: int, steps: int) -> Timing:
 
 def naive_frame(config, inputs):
     """pairs/train read whole into pandas (what a primer's Dataset would hold)."""
-    from spark_features.delta_snapshot import read_snapshot_arrow
+    from lake_contract.delta_snapshot import read_snapshot_arrow
     from trainer.data import user_columns
 
     columns = [*user_columns(inputs.schema), "item_idx"]
@@ -256,7 +256,7 @@ def pyarrow_pass(config, inputs) -> tuple[int, float]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from spark_features.delta_snapshot import snapshot_file_path
+    from lake_contract.delta_snapshot import snapshot_file_path
     from trainer.data import user_columns
     from trainer.item_store import pad_list_array
 

@@ -31,14 +31,14 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from spark_features.delta_snapshot import (
+from lake_contract.delta_snapshot import (
     DeltaSnapshot,
     deltars_location,
     open_table,
     resolve_snapshot,
     snapshot_file_path,
 )
-from spark_features.lake import Lake
+from lake_contract.lake import Lake
 from trainer.data import iter_eval_batches
 from trainer.feature_schema import MULTI_VALUED_WIDTH, FeatureSchema
 from trainer.item_store import pad_list_array

@@ -1,4 +1,4 @@
-"""Build, tune, save and load the FAISS IVF index over item embeddings (DESIGN.md, build_index).
+"""Build, tune, save and load the FAISS IVF index over item embeddings (docs/design.md, build_index).
 
 Item vectors come from the item tower as ``(n_items, dim) float32`` rows, L2-normalised, so
 inner product equals cosine similarity and every index here uses ``METRIC_INNER_PRODUCT``.

@@ -38,8 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spark_features.errors import TowerlakeError
-from spark_features.lake import Lake, fsync_path, to_local_path
+from lake_contract.errors import TowerlakeError
+from lake_contract.lake import Lake, fsync_path, to_local_path
 
 if TYPE_CHECKING:  # faiss and torch load only when an index is built
     from index_builder.faiss_index import IndexConfig
@@ -178,7 +178,7 @@ def build_item_index(lake_root: str, model_version: str, index_version: str, con
     """
     from index_builder.embeddings import EMBEDDING_BATCH_ROWS, embed_user_queries, write_item_embeddings
     from index_builder.faiss_index import build_index, save_index, tune_nprobe
-    from spark_features.delta_snapshot import resolve_snapshot
+    from lake_contract.delta_snapshot import resolve_snapshot
     from trainer.artifacts import load_model_dir, model_path
     from trainer.data import resolve_pairs
 

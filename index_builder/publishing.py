@@ -1,8 +1,8 @@
-"""Gate and publish a model version with its index as one release (DESIGN.md decision 7).
+"""Gate and publish a model version with its index as one release (docs/design.md decision 7).
 
 ``publish_model_release`` reads ``models/<model>/`` (manifest.json, metrics.json) and
 ``index/<index>/manifest.json`` (JSON only: no torch, no faiss), runs the quality gates of
-``release.check_gates``:
+``gates.check_gates``:
 
 * ``index_recall``: the index's measured recall@k vs exact search >= its recall target;
 * ``model_quality``: the model's VALID ``metric`` (``metrics.json["valid"]["model"]``) is not
@@ -24,16 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from index_builder.gates import DEFAULT_METRIC, DEFAULT_TOLERANCE, check_gates
 from index_builder.item_index import ID_MAP_FILE, index_for_model, index_root, read_index_manifest
 from index_builder.release import (
     ReleaseInfo,
-    check_gates,
     current_release,
     new_release_version,
     publish_release,
 )
-from spark_features.errors import TowerlakeError
-from spark_features.lake import Lake, to_local_path
+from lake_contract.errors import TowerlakeError
+from lake_contract.lake import Lake, to_local_path
 
 METRIC_PATTERN = re.compile(r"^(hr|recall|ndcg)@\d+$|^auc$")
 INDEX_FILES = ("index.faiss", "index.json", ID_MAP_FILE, "manifest.json")
@@ -109,8 +109,8 @@ def current_metric(current: ReleaseInfo | None, metric: str) -> float | None:
     return float(valid[metric])
 
 
-def publish_model_release(lake_root: str, model_version: str, index_version: str, *, metric: str = "hr@50",
-                          tolerance: float = 0.01, keep: int = 5, release_version: str | None = None,
+def publish_model_release(lake_root: str, model_version: str, index_version: str, *, metric: str = DEFAULT_METRIC,
+                          tolerance: float = DEFAULT_TOLERANCE, keep: int = 5, release_version: str | None = None,
                           fail_at: str | None = None) -> PublishReport:
     """Gate, then publish ``models/<model_version>`` + ``index/<index_version>`` as a new
     release (``release_version``, default a fresh time-sorted name) and make it CURRENT.

@@ -1,4 +1,4 @@
-"""Versioned, atomic, rollback-able releases under ``<lake_root>/releases/`` (DESIGN.md, decision 7).
+"""Versioned, atomic, rollback-able releases under ``<lake_root>/releases/`` (docs/design.md, decision 7).
 
 Layout::
 
@@ -26,7 +26,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import math
 import os
 import re
 import secrets
@@ -39,8 +38,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from spark_features.errors import TowerlakeError
-from spark_features.lake import fsync_path, to_local_path
+from lake_contract.errors import TowerlakeError
+from lake_contract.lake import fsync_path, to_local_path
 
 RELEASES_DIR = "releases"
 CURRENT_FILE = "CURRENT"
@@ -54,10 +53,6 @@ FAIL_AT_STEPS = ("copy", "manifest", "rename", "pointer", "prune")
 _RESERVED_MANIFEST_KEYS = ("version", "created_at", "sequence", "replaces", "artifacts", "files")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HASH_CHUNK = 1 << 20
-
-
-class GateFailedError(TowerlakeError):
-    """A candidate release failed a quality gate; it must not be made current."""
 
 
 class ReleaseError(TowerlakeError):
@@ -487,72 +482,3 @@ def _rollback_target(ordered: list[tuple[str, dict[str, Any]]], current: str | N
         return replaced
     position = versions.index(current)
     return versions[position - 1] if position > 0 else None
-
-
-# ---------------------------------------------------------------------------------------------
-# gates
-
-
-def _fmt(value: float) -> str:
-    """0.4 -> '0.40', 0.91234 -> '0.9123': at least 2, at most 4 decimals."""
-    text = f"{value:.4f}".rstrip("0")
-    decimals = len(text.split(".")[1]) if "." in text else 0
-    return f"{value:.{max(2, decimals)}f}"
-
-
-def check_gates(
-    index_recall: float,
-    recall_target: float,
-    candidate_metric: float,
-    current_metric: float | None,
-    tolerance: float,
-    metric_name: str,
-    recall_k: int = 100,
-) -> dict[str, dict[str, Any]]:
-    """Quality gates a candidate must pass before it may become current.
-
-    index_recall: the index's mean recall@``recall_k`` vs exact search at its tuned nprobe,
-    must be >= recall_target. candidate_metric: the new model's offline metric (higher is
-    better, e.g. HR@50), must not be below ``current_metric - tolerance`` (skipped when there
-    is no current release, ``current_metric`` None). Returns the gate results for the
-    manifest; raises GateFailedError naming every failed gate, its value and its threshold.
-    """
-    for name, value in (("index_recall", index_recall), ("recall_target", recall_target),
-                        ("candidate_metric", candidate_metric)):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{name} must be a number, got {value!r}")
-    if current_metric is not None and (isinstance(current_metric, bool) or not isinstance(current_metric, int | float)):
-        raise ValueError(f"current_metric must be a number or None, got {current_metric!r}")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance >= 0:
-        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
-
-    failures = []
-    recall_ok = not math.isnan(index_recall) and index_recall >= recall_target
-    if not recall_ok:
-        failures.append(
-            f"gate index_recall: recall@{recall_k}={_fmt(index_recall)} < target {_fmt(recall_target)}"
-        )
-    if current_metric is None:
-        quality_ok = not math.isnan(candidate_metric)
-        if not quality_ok:
-            failures.append(f"gate model_quality: {metric_name}=nan is not a number")
-    else:
-        # 1e-12: 0.39 vs 0.40 - 0.01 must pass despite binary floating point.
-        quality_ok = not math.isnan(candidate_metric) and candidate_metric >= current_metric - tolerance - 1e-12
-        if not quality_ok:
-            failures.append(
-                f"gate model_quality: {metric_name}={_fmt(candidate_metric)} is worse than the current "
-                f"release's {_fmt(current_metric)} by more than the tolerance {_fmt(tolerance)}"
-            )
-    if failures:
-        raise GateFailedError("; ".join(failures))
-    return {
-        "index_recall": {"passed": True, "k": recall_k, "value": index_recall, "target": recall_target},
-        "model_quality": {
-            "passed": True,
-            "metric": metric_name,
-            "value": candidate_metric,
-            "current": current_metric,
-            "tolerance": tolerance,
-        },
-    }

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from spark_features.lake import Lake
+from lake_contract.lake import Lake
 
 RELEASE_RANKED_TABLE = "negatives/release_ranked"
 DEFAULT_FIRST_RANK = 20
@@ -80,8 +80,9 @@ def mine_release_negatives(lake_root: str, first_rank: int = DEFAULT_FIRST_RANK,
     """
     import time
 
+    from index_builder.recommendation_writer import overwrite_delta
     from index_builder.release import current_release
-    from index_builder.serving import Retriever, overwrite_delta
+    from index_builder.retrieval import Retriever
 
     if not (isinstance(first_rank, int) and isinstance(last_rank, int) and 1 <= first_rank <= last_rank):
         raise ValueError(f"ranks must satisfy 1 <= first_rank <= last_rank, got {first_rank!r}..{last_rank!r}")

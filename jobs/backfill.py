@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.end < args.start:
         raise ValueError(f"--end ({args.end}) is before --start ({args.start})")
-    from spark_features.feature_config import FeatureConfig
+    from lake_contract.feature_config import FeatureConfig
 
     prefixes = {}
     for text in args.prefix:
@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from jobs.spark_context import build_spark_session
+    from lake_contract.lake import Lake
     from spark_features.delta_io import DeltaLakeIO
     from spark_features.incremental import backfill_days
-    from spark_features.lake import Lake
 
     lake = Lake(args.lake)
     days = [args.start + timedelta(days=i) for i in range((args.end - args.start).days + 1)]

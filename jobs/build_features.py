@@ -41,7 +41,7 @@ class BuildConfig:
     as_of: datetime | None
     engine: str
     master: str | None
-    features: object  # spark_features.feature_config.FeatureConfig (imported lazily)
+    features: object  # lake_contract.feature_config.FeatureConfig (imported lazily)
     release_negatives: Literal["auto", "off"] = "auto"
 
     def __post_init__(self) -> None:
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: list[str] | None = None) -> BuildConfig:
     a = build_parser().parse_args(argv)
-    from spark_features.feature_config import FeatureConfig
+    from lake_contract.feature_config import FeatureConfig
     from spark_features.negatives import parse_negative_specs
 
     parse_negative_specs(a.negatives)  # fail fast on a typo, before Spark starts
@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     setup_logging("build_features")
     from jobs.spark_context import build_spark_session
+    from lake_contract.lake import Lake
     from spark_features.delta_io import DeltaLakeIO
-    from spark_features.lake import Lake
 
     lake = Lake(config.lake)
     print(f"build_features: mode={config.mode} lake={lake.root}"

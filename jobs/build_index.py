@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     job = parse_config(argv)
     setup_logging("build_index")
     from index_builder.item_index import build_item_index
-    from spark_features.lake import Lake
+    from lake_contract.lake import Lake
     from trainer.artifacts import resolve_model_version
 
     lake = Lake(job.lake)

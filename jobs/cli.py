@@ -1,4 +1,4 @@
-"""What every job shares: logging, timing lines, and the exit-code contract (DESIGN.md).
+"""What every job shares: logging, timing lines, and the exit-code contract (docs/design.md).
 
 Exit 0 only on success; otherwise non-zero with a one-line reason a person can act on as
 the LAST line on stderr (the traceback, for unexpected failures, before it). Exit codes:
@@ -61,7 +61,7 @@ def timed(label: str, say: Callable[[str], None] = print) -> Iterator[None]:
 def run_job(job: str, main: Callable[[], int | None], leave: Callable[[int], NoReturn] = sys.exit) -> None:
     """Run ``main`` and leave through ``leave`` with the contract above (jobs that join a gloo
     group pass ``trainer.distributed.exit_process``)."""
-    from spark_features.errors import TowerlakeError
+    from lake_contract.errors import TowerlakeError
 
     try:
         code = main() or 0

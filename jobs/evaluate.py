@@ -63,8 +63,8 @@ def parse_config(argv: list[str] | None = None) -> EvaluateConfig:
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     setup_logging("evaluate")
-    from spark_features.delta_snapshot import resolve_snapshot
-    from spark_features.lake import Lake
+    from lake_contract.delta_snapshot import resolve_snapshot
+    from lake_contract.lake import Lake
     from trainer.artifacts import load_model_dir, model_path, resolve_model_version
     from trainer.data import resolve_pairs
     from trainer.evaluation import evaluate_split

@@ -113,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("ingest")
     # Heavy imports only now, so --help never starts Spark.
     from jobs.spark_context import build_spark_session
+    from lake_contract.delta_snapshot import table_version
+    from lake_contract.lake import BRONZE_TABLES, Lake
     from spark_features.delta_io import DeltaLakeIO
-    from spark_features.delta_snapshot import table_version
     from spark_features.ingest import IngestOptions, ingest
-    from spark_features.lake import BRONZE_TABLES, Lake
 
     lake = Lake(config.lake)
     options = IngestOptions(batch=config.batch, only_date=config.only_date, max_bad_fraction=config.max_bad_fraction)

@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # python jobs/publish.py
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from index_builder.gates import DEFAULT_METRIC, DEFAULT_TOLERANCE
 from jobs.cli import job_parser, run_job, setup_logging
 
 Action = Literal["publish", "rollback", "list"]
@@ -66,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = job_parser("publish", __doc__)
     p.add_argument("--model", help="model version (default: the index's model, else the newest)")
     p.add_argument("--index", help="index version (default: the newest index built from the model)")
-    p.add_argument("--tolerance", type=float, default=0.01,
-                   help="how much worse than the current release the metric may be (default: 0.01)")
-    p.add_argument("--metric", default="hr@50", help="valid metric of the model_quality gate (default: hr@50)")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help=f"how much worse than the current release the metric may be (default: {DEFAULT_TOLERANCE})")
+    p.add_argument("--metric", default=DEFAULT_METRIC,
+                   help=f"valid metric of the model_quality gate (default: {DEFAULT_METRIC})")
     p.add_argument("--keep", type=int, default=5, help="releases to keep (default: 5)")
     p.add_argument("--release-version", help="name of the new release (default: UTC time + random suffix)")
     actions = p.add_mutually_exclusive_group()
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     job = parse_config(argv)
     setup_logging("publish")
     from index_builder.release import current_release, rollback
-    from spark_features.lake import Lake
+    from lake_contract.lake import Lake
 
     lake = Lake(job.lake)
     if job.action == "list":

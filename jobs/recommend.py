@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded: noise here
-    from index_builder.serving import Retriever, write_recommendations
-    from spark_features.lake import Lake
+    from index_builder.recommendation_writer import write_recommendations
+    from index_builder.retrieval import Retriever
+    from lake_contract.lake import Lake
 
     started = time.monotonic()
     device = config.device

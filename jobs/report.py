@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     setup_logging("report")
     from index_builder.release import current_release
-    from index_builder.serving import NO_RELEASE_MESSAGE, NoReleaseError, Retriever
-    from spark_features.lake import Lake, to_local_path
+    from index_builder.retrieval import NO_RELEASE_MESSAGE, NoReleaseError, Retriever
+    from lake_contract.lake import Lake, to_local_path
 
     lake = Lake(config.lake)
     release = current_release(lake.root)

@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pathlib import Path
 
-    from spark_features.delta_snapshot import read_snapshot_arrow, resolve_snapshot, table_exists
-    from spark_features.errors import TableNotFoundError
-    from spark_features.lake import Lake, to_local_path
+    from lake_contract.delta_snapshot import read_snapshot_arrow, resolve_snapshot, table_exists
+    from lake_contract.errors import TableNotFoundError
+    from lake_contract.lake import Lake, to_local_path
 
     lake = Lake(args.lake)
     local = to_local_path(lake.root)
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         elif name.startswith("bronze/") and args.rows and snap.files:
             import pyarrow.parquet as pq
 
-            from spark_features.delta_snapshot import snapshot_file_path
+            from lake_contract.delta_snapshot import snapshot_file_path
 
             first = pq.read_table(snapshot_file_path(snap.files[0])).slice(0, args.rows).to_pylist()
             for row in first:

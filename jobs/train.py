@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=category)
     import torch
 
-    from spark_features.lake import Lake
+    from lake_contract.lake import Lake
     from trainer.artifacts import StagedModel, models_root, new_model_version
     from trainer.checkpoints import CheckpointManager, run_key
     from trainer.distributed import init_distributed, shutdown
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as err:
             if not _peer_died(err):
                 raise
-            from spark_features.errors import TowerlakeError
+            from lake_contract.errors import TowerlakeError
 
             raise TowerlakeError(
                 f"another training process died mid-run ({str(err).splitlines()[0][:160]}); no model version "

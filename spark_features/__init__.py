@@ -1,5 +1,5 @@
 """Spark side of Towerlake: ingest and validation, features, pairs, and the Delta read/write edge.
 
-Importing this package does not import pyspark: ``spark_features.delta_snapshot`` and
-``spark_features.errors`` are pyspark-free so that ``trainer/`` can resolve Delta snapshots.
+Only Spark code lives here. What the trainer and serving share with it (lake paths, errors,
+Delta snapshots, vocabulary reads, the run ledger, feature settings) is in ``lake_contract``.
 """

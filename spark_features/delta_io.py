@@ -1,6 +1,6 @@
 """Spark DataFrames in and out of Delta tables, with two engines behind one interface.
 
-DESIGN.md decision 1:
+docs/design.md decision 1:
 
 * ``native``: the delta-spark jars are on Spark's classpath (a real cluster) and Spark reads
   and writes ``format("delta")`` itself.
@@ -38,15 +38,15 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
-from spark_features.delta_snapshot import (
+from lake_contract.delta_snapshot import (
     deltars_location,
     open_table,
     resolve_snapshot,
     stats_json,
     table_exists,
 )
-from spark_features.errors import CommitConflictError, SchemaMismatchError, TableNotFoundError
-from spark_features.lake import to_local_path, to_uri
+from lake_contract.errors import CommitConflictError, SchemaMismatchError, TableNotFoundError
+from lake_contract.lake import to_local_path, to_uri
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from spark_features.feature_config import ACTIVITY_BOUNDARIES, RECENCY_DAY_BOUNDARIES
+from lake_contract.feature_config import ACTIVITY_BOUNDARIES, RECENCY_DAY_BOUNDARIES
 
 FEATURE_SPEC_SCHEMA = T.StructType([
     T.StructField("table", T.StringType(), False),

@@ -29,16 +29,16 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.storagelevel import StorageLevel
 
+from lake_contract.delta_snapshot import table_exists
+from lake_contract.errors import TableNotFoundError
+from lake_contract.feature_config import FeatureConfig
+from lake_contract.lake import BRONZE_TABLES, Lake
+from lake_contract.run_ledger import completed_windows, mark_complete
 from spark_features.delta_io import DeltaLakeIO, WriteResult
-from spark_features.delta_snapshot import table_exists
-from spark_features.errors import TableNotFoundError
-from spark_features.feature_config import FeatureConfig
 from spark_features.features import plan_feature_columns, with_prefix_columns
 from spark_features.ingest import column_roles
-from spark_features.lake import BRONZE_TABLES, Lake
 from spark_features.negatives import parse_negative_specs, sample_negatives
 from spark_features.pairs import label_positives, max_same_time_events, pair_id_column, with_history
-from spark_features.run_ledger import completed_windows, mark_complete
 from spark_features.training_data import (
     attach_negatives,
     entity_features,

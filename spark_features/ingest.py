@@ -42,9 +42,9 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
+from lake_contract.errors import BadInputError
+from lake_contract.lake import BRONZE_TABLES, Lake, quarantine_table
 from spark_features.delta_io import DeltaLakeIO, WriteResult
-from spark_features.errors import BadInputError
-from spark_features.lake import BRONZE_TABLES, Lake, quarantine_table
 from spark_features.sources import EntitySpec, InteractionsSpec, SourceSpec
 
 log = logging.getLogger(__name__)
@@ -554,7 +554,7 @@ def ingest(
 
 
 def _existing_ids(io: DeltaLakeIO, lake: Lake, table: str, column: str) -> DataFrame | None:
-    from spark_features.delta_snapshot import table_exists
+    from lake_contract.delta_snapshot import table_exists
 
     uri = lake.table(BRONZE_TABLES[table])
     if not table_exists(uri):

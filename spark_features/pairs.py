@@ -1,6 +1,6 @@
 """Indexed events -> point-in-time training pairs and time-based splits (pure transforms).
 
-Point-in-time correctness (DESIGN.md decision 6): a pair's history holds only events
+Point-in-time correctness (docs/design.md decision 6): a pair's history holds only events
 STRICTLY before the pair's event time, so other events at the same timestamp are never in
 it. Ordering ties: which of several same-second positives is "the last" for leave-last-out
 is decided by ``tie_key_column`` (a hash of the item index, independent of popularity).

@@ -28,10 +28,11 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.storagelevel import StorageLevel
 
+from lake_contract.delta_snapshot import table_version
+from lake_contract.errors import TableNotFoundError
+from lake_contract.feature_config import ACTIVITY_BOUNDARIES, FeatureConfig
+from lake_contract.lake import BRONZE_TABLES, Lake
 from spark_features.delta_io import DeltaLakeIO, WriteResult
-from spark_features.delta_snapshot import table_version
-from spark_features.errors import TableNotFoundError
-from spark_features.feature_config import ACTIVITY_BOUNDARIES, FeatureConfig
 from spark_features.features import (
     FEATURE_SPEC_SCHEMA,
     FeatureColumn,
@@ -43,7 +44,6 @@ from spark_features.features import (
     with_prefix_columns,
 )
 from spark_features.ingest import column_roles
-from spark_features.lake import BRONZE_TABLES, Lake
 from spark_features.negatives import negative_counts, parse_negative_specs, sample_negatives
 from spark_features.pairs import (
     SPLITS,

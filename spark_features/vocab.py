@@ -1,7 +1,7 @@
 """Append-only vocabularies, Spark side: count values, assign stable indices, index columns.
 
 A vocabulary ``vocab/<name>`` (``user_id``, ``item_id``, ``users.gender``, ``items.genres``,
-...) is a Delta table with one row per value (``VOCAB_SCHEMA``). DESIGN.md decision 5, IDs
+...) is a Delta table with one row per value (``VOCAB_SCHEMA``). docs/design.md decision 5, IDs
 are stable forever:
 
 * index 0 means unknown/padding and is never assigned;
@@ -20,7 +20,7 @@ appending colliding indices. Vocabularies are catalog-sized, so rewriting them i
 counting the events happens in Spark, and only scalars reach the driver.
 
 The pyspark-free readers (``read_vocab_info``, ``read_vocab_sizes``, ``read_vocab_mapping``)
-and ``VocabInfo`` live in ``spark_features.vocab_registry``.
+and ``VocabInfo`` live in ``lake_contract.vocab_registry``.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
+from lake_contract.delta_snapshot import table_version
+from lake_contract.errors import CommitConflictError, TowerlakeError
+from lake_contract.lake import Lake
+from lake_contract.vocab_registry import UNKNOWN_INDEX, VocabInfo, vocab_table
 from spark_features.delta_io import DeltaLakeIO, WriteResult
-from spark_features.delta_snapshot import table_version
-from spark_features.errors import CommitConflictError, TowerlakeError
-from spark_features.lake import Lake
-from spark_features.vocab_registry import UNKNOWN_INDEX, VocabInfo, vocab_table
 
 __all__ = [
     "MAP_LOOKUP_MAX_VALUES",
@@ -235,7 +235,7 @@ def check_vocab_extends(old: DataFrame, new: DataFrame) -> tuple[int, int]:
         value, was, now = stats["lost_example"]
         problems.append(
             f"vocab shrinking: {stats['lost']} value(s) of the current vocabulary would be lost or re-indexed, "
-            f"e.g. {value!r} ({was} -> {now}); indices are stable forever (DESIGN.md decision 5)"
+            f"e.g. {value!r} ({was} -> {now}); indices are stable forever (docs/design.md decision 5)"
         )
     if stats["blank"]:
         problems.append(f"{stats['blank']} null or blank value(s)")

@@ -1,4 +1,4 @@
-"""Shared fixtures: ONE local Spark session for the whole test run (STYLE.md item 8)."""
+"""Shared fixtures: ONE local Spark session for the whole test run (docs/style.md item 8)."""
 
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ def lake_root(tmp_path):
 def ml_lake(spark, tmp_path_factory):
     """MovieLens-100K ingested and feature-built once per test run: (io, lake, report).
     Tests may add models/releases to it but must not rewrite its tables."""
+    from lake_contract.feature_config import FeatureConfig
+    from lake_contract.lake import Lake
     from spark_features.delta_io import DeltaLakeIO
-    from spark_features.feature_config import FeatureConfig
     from spark_features.ingest import IngestOptions, ingest, read_source
-    from spark_features.lake import Lake
     from spark_features.sources import movielens_100k_spec
     from spark_features.training_data import build_training_data
 

@@ -15,9 +15,9 @@ HOUR10 = DAY1 + 86400 + 10 * 3600  # 2026-01-02T10:00:00Z
 
 
 def _ingest(spark, lake_root: Path, folder: Path, events, users, items, only_date=None, batch="b"):
+    from lake_contract.lake import Lake
     from spark_features.delta_io import DeltaLakeIO
     from spark_features.ingest import IngestOptions, ingest, read_source
-    from spark_features.lake import Lake
     from spark_features.sources import EntitySpec, InteractionsSpec, SourceSpec
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -45,13 +45,13 @@ ITEMS = [("i1", "a|b"), ("i2", "b"), ("i3", "a"), ("i4", "c"), ("i5", "b|c")]
 
 
 def _config(**kw):
-    from spark_features.feature_config import FeatureConfig
+    from lake_contract.feature_config import FeatureConfig
 
     return FeatureConfig(history_length=3, negatives=kw.pop("negatives", "random:2"), numeric_buckets=2, **kw)
 
 
 def _rows(lake_root, table, key=None):
-    from spark_features.delta_snapshot import read_table_deltars
+    from lake_contract.delta_snapshot import read_table_deltars
 
     rows = read_table_deltars(str(Path(lake_root) / table)).to_pylist()
     return sorted(rows, key=key or (lambda r: repr(sorted(r.items()))))
@@ -60,8 +60,8 @@ def _rows(lake_root, table, key=None):
 @pytest.fixture(scope="module")
 def built_lake(spark, tmp_path_factory):
     """One full build shared by the read-only tests (the incremental test works on a copy)."""
+    from lake_contract.lake import Lake
     from spark_features.delta_io import DeltaLakeIO
-    from spark_features.lake import Lake
     from spark_features.training_data import build_training_data
 
     tmp_path = tmp_path_factory.mktemp("built")
@@ -72,7 +72,7 @@ def built_lake(spark, tmp_path_factory):
 
 
 def test_full_build_vocab_splits_history_and_seen_items_are_exact(built_lake):
-    from spark_features.vocab_registry import read_vocab_mapping
+    from lake_contract.vocab_registry import read_vocab_mapping
 
     lake_root, report = built_lake
     # Index order: occurrences (events + the users/items table row) desc, then value.
@@ -133,11 +133,11 @@ def _snapshot_all(lake_root):
 def test_incremental_hour_appends_ids_merges_features_and_is_idempotent(spark, built_lake, tmp_path):
     import shutil
 
+    from lake_contract.delta_snapshot import table_version
+    from lake_contract.lake import Lake
+    from lake_contract.vocab_registry import read_vocab_mapping
     from spark_features.delta_io import DeltaLakeIO
-    from spark_features.delta_snapshot import table_version
     from spark_features.incremental import build_incremental
-    from spark_features.lake import Lake
-    from spark_features.vocab_registry import read_vocab_mapping
 
     lake_root = tmp_path / "lake"
     shutil.copytree(built_lake[0], lake_root)

@@ -26,8 +26,8 @@ from index_builder.faiss_index import exact_search, load_index, recall_at_k, sea
 from index_builder.release import current_release, list_releases, load_release
 from jobs import build_index as build_job
 from jobs import publish as publish_job
-from spark_features.delta_snapshot import open_table, read_table_deltars, resolve_snapshot
-from spark_features.lake import Lake
+from lake_contract.delta_snapshot import open_table, read_table_deltars, resolve_snapshot
+from lake_contract.lake import Lake
 from tests.tiny_lake import item_id_of, make_tiny_lake, save_tiny_model, tiny_lake_rows
 from tests.trainer_fixtures import NUM_ITEMS
 from trainer.artifacts import load_model_dir

@@ -101,7 +101,7 @@ def _write_uneven_pairs(root: str, sizes: list[int]) -> None:
 
 
 def _shard_worker(rank: int, port: int, table: str, out: str) -> None:
-    from spark_features.delta_snapshot import resolve_snapshot
+    from lake_contract.delta_snapshot import resolve_snapshot
     from trainer.data import LoaderSettings, synchronized, train_batches
 
     set_dist_env(rank, WORLD, port)

@@ -61,7 +61,7 @@ def _read_all_paths(spark, io, uri, version=None) -> dict[str, list[tuple]]:
     """The same snapshot through Spark, delta-rs, pyarrow on the file list, and DuckDB."""
     import duckdb
 
-    from spark_features.delta_snapshot import read_snapshot_arrow, read_table_deltars, resolve_snapshot
+    from lake_contract.delta_snapshot import read_snapshot_arrow, read_table_deltars, resolve_snapshot
 
     snapshot = resolve_snapshot(uri, version)
     spark_rows = io.read_table(uri, version).collect()
@@ -82,8 +82,8 @@ def _read_all_paths(spark, io, uri, version=None) -> dict[str, list[tuple]]:
 
 
 def test_engine_is_delta_rs_without_jars_and_native_request_fails_clearly(spark):
+    from lake_contract.errors import TowerlakeError
     from spark_features.delta_io import DeltaLakeIO, native_delta_available
-    from spark_features.errors import TowerlakeError
 
     if native_delta_available(spark):
         pytest.skip("delta-spark jars are on this classpath; the no-jar fallback is not exercised")
@@ -140,7 +140,7 @@ def test_add_actions_carry_exact_row_counts_and_min_max_stats(spark, io, tmp_pat
 
 
 def test_time_travel_overwrite_and_history(spark, io, tmp_path):
-    from spark_features.delta_snapshot import table_history
+    from lake_contract.delta_snapshot import table_history
 
     uri = str(tmp_path / "t")
     io.write_table(_df(spark, _rows(30)), uri, partition_by=["event_date"])
@@ -175,7 +175,7 @@ def test_dynamic_replace_touches_only_partitions_present_in_the_data(spark, io, 
 
 
 def test_append_adds_rows_and_mismatched_schema_names_the_columns(spark, io, tmp_path):
-    from spark_features.errors import SchemaMismatchError
+    from lake_contract.errors import SchemaMismatchError
 
     uri = str(tmp_path / "t")
     io.write_table(_df(spark, _rows(6)), uri, partition_by=["event_date"])
@@ -195,7 +195,7 @@ def test_append_adds_rows_and_mismatched_schema_names_the_columns(spark, io, tmp
 def test_failure_between_files_and_commit_leaves_previous_version(spark, io, tmp_path, monkeypatch):
     import deltalake
 
-    from spark_features.delta_snapshot import table_version
+    from lake_contract.delta_snapshot import table_version
 
     uri = str(tmp_path / "t")
     io.write_table(_df(spark, _rows(30)), uri, partition_by=["event_date"])
@@ -228,7 +228,7 @@ def test_concurrent_appends_both_commit(spark, io, tmp_path):
 
 
 def test_concurrent_overwrites_loser_fails_with_conflict_and_leaves_no_trace(spark, io, tmp_path):
-    from spark_features.errors import CommitConflictError
+    from lake_contract.errors import CommitConflictError
 
     uri = str(tmp_path / "t")
     io.write_table(_df(spark, _rows(6)), uri, partition_by=["event_date"])
@@ -238,7 +238,7 @@ def test_concurrent_overwrites_loser_fails_with_conflict_and_leaves_no_trace(spa
     with pytest.raises(CommitConflictError, match="concurrent write"):
         io.commit_staged(loser)
     assert _read_all_paths(spark, io, uri)["delta-rs"] == _expected(_rows(3, offset=10))
-    committed = {os.path.basename(f) for f in __import__("spark_features.delta_snapshot", fromlist=["x"])
+    committed = {os.path.basename(f) for f in __import__("lake_contract.delta_snapshot", fromlist=["x"])
                  .resolve_snapshot(uri).files}
     on_disk_new = {p.name for p in Path(uri).rglob("*.parquet")} - {
         os.path.basename(a.path) for a in winner.adds} - {os.path.basename(a.path) for a in loser.adds}
@@ -248,7 +248,7 @@ def test_concurrent_overwrites_loser_fails_with_conflict_and_leaves_no_trace(spa
 
 
 def test_partition_values_with_spaces_and_nulls_roundtrip(spark, io, tmp_path):
-    from spark_features.delta_snapshot import read_table_deltars
+    from lake_contract.delta_snapshot import read_table_deltars
 
     uri = str(tmp_path / "t")
     rows = [("a b-c.d", 1), ("plain", 2), (None, 3)]
@@ -258,7 +258,7 @@ def test_partition_values_with_spaces_and_nulls_roundtrip(spark, io, tmp_path):
 
 
 def test_partition_values_that_spark_escapes_are_refused_before_commit(spark, io, tmp_path):
-    from spark_features.delta_snapshot import table_exists
+    from lake_contract.delta_snapshot import table_exists
 
     uri = str(tmp_path / "t")
     with pytest.raises(ValueError, match="partition values may not contain characters"):
@@ -274,7 +274,7 @@ def test_empty_write_creates_a_readable_empty_table(spark, io, tmp_path):
 
 
 def test_missing_table_and_version_give_clear_errors(spark, io, tmp_path):
-    from spark_features.errors import TableNotFoundError
+    from lake_contract.errors import TableNotFoundError
 
     with pytest.raises(TableNotFoundError, match="no Delta table at"):
         io.read_table(str(tmp_path / "nope"))
@@ -286,7 +286,7 @@ def test_missing_table_and_version_give_clear_errors(spark, io, tmp_path):
 
 def test_snapshot_module_imports_without_pyspark():
     code = (
-        "import sys; import spark_features.delta_snapshot, spark_features.lake, spark_features.errors; "
+        "import sys; import lake_contract.delta_snapshot, lake_contract.lake, lake_contract.errors; "
         "assert 'pyspark' not in sys.modules, 'pyspark imported'; print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -294,7 +294,7 @@ def test_snapshot_module_imports_without_pyspark():
 
 
 def test_upsert_replaces_matching_keys_inserts_new_ones_and_rewrites_only_touched_files(spark, io, tmp_path):
-    from spark_features.delta_snapshot import resolve_snapshot
+    from lake_contract.delta_snapshot import resolve_snapshot
 
     uri = str(tmp_path / "t")
     base = spark.createDataFrame([(i, f"v{i}") for i in range(1, 7)], "id long, v string")

@@ -1,4 +1,4 @@
-"""The two environments hold what the README promises (pins measured in ../shared/STACK.md)."""
+"""The two environments hold what the README promises (pins measured in docs/stack.md)."""
 
 from __future__ import annotations
 

@@ -79,11 +79,11 @@ def _hour_source(folder: Path):
 @pytest.fixture(scope="module")
 def scenario(spark, ml_lake, tmp_path_factory):
     from index_builder.release import publish_release
+    from lake_contract.feature_config import FeatureConfig
+    from lake_contract.lake import Lake
     from spark_features.delta_io import DeltaLakeIO
-    from spark_features.feature_config import FeatureConfig
     from spark_features.incremental import build_incremental
     from spark_features.ingest import IngestOptions, ingest, read_source
-    from spark_features.lake import Lake
 
     _, shared, _ = ml_lake
     work = tmp_path_factory.mktemp("finetune")
@@ -132,8 +132,8 @@ def _load(root: Path, version: str):
 
 
 def _index_of(root: Path, vocab: str, value: str) -> int:
-    from spark_features.delta_snapshot import read_snapshot_arrow, resolve_snapshot
-    from spark_features.lake import Lake
+    from lake_contract.delta_snapshot import read_snapshot_arrow, resolve_snapshot
+    from lake_contract.lake import Lake
 
     table = read_snapshot_arrow(resolve_snapshot(Lake(str(root)).table(f"vocab/{vocab}")), ["value", "index"])
     found = dict(zip(table.column("value").to_pylist(), table.column("index").to_pylist(), strict=True))
@@ -194,8 +194,8 @@ def _user_batch(root: Path, schema, user_idx: int) -> dict[str, torch.Tensor]:
     user-tower input."""
     import pyarrow.compute as pc
 
-    from spark_features.delta_snapshot import read_snapshot_arrow, resolve_snapshot
-    from spark_features.lake import Lake
+    from lake_contract.delta_snapshot import read_snapshot_arrow, resolve_snapshot
+    from lake_contract.lake import Lake
     from trainer.data import user_columns
     from trainer.feature_schema import MULTI_VALUED_WIDTH
     from trainer.item_store import pad_list_array
@@ -216,8 +216,8 @@ def _user_batch(root: Path, schema, user_idx: int) -> dict[str, torch.Tensor]:
 
 
 def test_new_user_and_new_item_are_embedded_and_retrievable(scenario):
-    from spark_features.delta_snapshot import resolve_snapshot
-    from spark_features.lake import Lake
+    from lake_contract.delta_snapshot import resolve_snapshot
+    from lake_contract.lake import Lake
     from trainer.growth import grow_model
     from trainer.item_store import load_item_store
 
@@ -276,7 +276,7 @@ def test_a_window_without_pairs_exits_zero_and_writes_no_version(scenario):
 
 
 def test_clear_failures_write_nothing(scenario):
-    from spark_features.errors import BadInputError
+    from lake_contract.errors import BadInputError
     from trainer.artifacts import ModelNotFoundError
     from trainer.config import TrainConfig
     from trainer.feature_schema import FeatureSchema
@@ -320,8 +320,8 @@ def test_the_parent_comes_from_the_release_copy_when_models_lost_it(scenario):
 
 
 def test_replay_selects_the_windows_just_before_and_shards_are_bounded():
-    from spark_features.delta_snapshot import DeltaSnapshot
-    from spark_features.errors import BadInputError
+    from lake_contract.delta_snapshot import DeltaSnapshot
+    from lake_contract.errors import BadInputError
     from trainer.finetune import WindowPairs, check_shardable, select_window_files, smallest_shard_rows
 
     windows = ["2026-01-05T10", "2026-01-05T11", "2026-01-05T11", "2026-01-05T12", "2026-01-05T13", "2026-01-04"]

@@ -56,9 +56,9 @@ def _spec(tmp_path: Path, event_lines: list[str], user_lines=None, item_lines=No
 
 
 def _run(spark, lake_root, spec, batch="b1", only_date=None, max_bad=1.0):
+    from lake_contract.lake import Lake
     from spark_features.delta_io import DeltaLakeIO
     from spark_features.ingest import IngestOptions, ingest, read_source
-    from spark_features.lake import Lake
 
     options = IngestOptions(batch=batch, only_date=only_date, max_bad_fraction=max_bad, run_id="run-test")
     return ingest(spark, DeltaLakeIO(spark), Lake(str(lake_root)), read_source(spark, spec), spec, options,
@@ -66,7 +66,7 @@ def _run(spark, lake_root, spec, batch="b1", only_date=None, max_bad=1.0):
 
 
 def _table(lake_root, name) -> list[dict]:
-    from spark_features.delta_snapshot import read_table_deltars
+    from lake_contract.delta_snapshot import read_table_deltars
 
     return read_table_deltars(str(Path(lake_root) / name)).to_pylist()
 
@@ -133,8 +133,8 @@ def test_entity_rows_duplicates_conflicts_and_repaired_attributes(spark, tmp_pat
 
 @pytest.mark.spark
 def test_bad_fraction_over_limit_fails_clearly_and_leaves_bronze_untouched(spark, tmp_path, lake_root):
-    from spark_features.delta_snapshot import table_version
-    from spark_features.errors import BadInputError
+    from lake_contract.delta_snapshot import table_version
+    from lake_contract.errors import BadInputError
 
     good = _spec(tmp_path, ["u1,i1,1767225600,5", "u2,i2,1767312000,4"])
     _run(spark, lake_root, good, max_bad=0.0)
@@ -248,7 +248,7 @@ def test_ingest_help_answers_without_spark_and_bad_args_exit_2_with_a_reason():
 @pytest.mark.slow
 def test_spark_submit_ingests_movielens_100k_exactly(tmp_path):
     """The README's data: 100,000 events, 943 users, 1,682 items, through spark-submit."""
-    from spark_features.delta_snapshot import resolve_snapshot
+    from lake_contract.delta_snapshot import resolve_snapshot
 
     spark_submit = Path(sys.executable).parent / "spark-submit"
     lake = tmp_path / "lake"

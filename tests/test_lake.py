@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spark_features.lake import Lake
+from lake_contract.lake import Lake
 
 
 def test_a_plain_folder_becomes_an_absolute_file_uri(tmp_path):

@@ -45,19 +45,19 @@ def _hour_source(folder: Path):
 
 
 def _rows(root: Path, table: str) -> list:
-    from spark_features.delta_snapshot import read_table_deltars
+    from lake_contract.delta_snapshot import read_table_deltars
 
     return sorted(read_table_deltars(str(root / table)).to_pylist(), key=lambda r: repr(sorted(r.items())))
 
 
 def test_an_hour_with_new_users_and_items_keeps_old_indices_and_reruns_identically(spark, ml_lake, tmp_path):
+    from lake_contract.delta_snapshot import table_version
+    from lake_contract.feature_config import FeatureConfig
+    from lake_contract.lake import Lake, to_local_path
+    from lake_contract.vocab_registry import read_vocab_mapping
     from spark_features.delta_io import DeltaLakeIO
-    from spark_features.delta_snapshot import table_version
-    from spark_features.feature_config import FeatureConfig
     from spark_features.incremental import build_incremental
     from spark_features.ingest import IngestOptions, ingest, read_source
-    from spark_features.lake import Lake, to_local_path
-    from spark_features.vocab_registry import read_vocab_mapping
 
     root = tmp_path / "lake"
     shutil.copytree(to_local_path(ml_lake[1].root), root)

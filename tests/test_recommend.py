@@ -1,4 +1,4 @@
-"""Retrieval over the CURRENT release (index_builder/serving.py, jobs/recommend.py).
+"""Retrieval over the CURRENT release (index_builder/queries.py, retrieval.py, recommendation_writer.py, jobs/recommend.py).
 
 A tiny Spark-free lake (tests/tiny_lake.py) gets a release built here the way build_index +
 publish make one: every item through the saved model's item tower, an IVF-Flat index whose
@@ -24,21 +24,14 @@ import torch
 from deltalake import write_deltalake
 
 from index_builder.faiss_index import IndexConfig, build_index, save_index
+from index_builder.queries import UserQueryBuilder, bucketize_counts
 from index_builder.release import publish_release
 from index_builder.release_negatives import mine_release_negatives, ranked_slice
-from index_builder.serving import (
-    NO_RELEASE_MESSAGE,
-    NoReleaseError,
-    Retriever,
-    UserQueryBuilder,
-    bucketize_counts,
-    csr_rows,
-    drop_seen_top_k,
-)
+from index_builder.retrieval import NO_RELEASE_MESSAGE, NoReleaseError, Retriever, csr_rows, drop_seen_top_k
 from jobs import recommend as recommend_job
-from spark_features.delta_snapshot import read_snapshot_arrow, read_table_deltars, resolve_snapshot
-from spark_features.feature_config import ACTIVITY_BOUNDARIES
-from spark_features.lake import Lake
+from lake_contract.delta_snapshot import read_snapshot_arrow, read_table_deltars, resolve_snapshot
+from lake_contract.feature_config import ACTIVITY_BOUNDARIES
+from lake_contract.lake import Lake
 from tests.tiny_lake import item_id_of, make_tiny_lake, user_id_of
 from trainer.artifacts import load_model_dir
 from trainer.feature_schema import FieldSpec

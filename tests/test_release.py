@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 
 from index_builder import release
+from index_builder.gates import GateFailedError, check_gates
 from index_builder.release import (
-    GateFailedError,
     InjectedFailure,
     ReleaseError,
-    check_gates,
     current_release,
     list_releases,
     load_release,
@@ -27,7 +26,7 @@ from index_builder.release import (
     publish_release,
     rollback,
 )
-from spark_features.errors import TowerlakeError
+from lake_contract.errors import TowerlakeError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

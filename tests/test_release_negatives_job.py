@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from jobs.build_features import _release_ranked, parse_config
-from spark_features.delta_snapshot import read_table_deltars
-from spark_features.lake import Lake
+from lake_contract.delta_snapshot import read_table_deltars
+from lake_contract.lake import Lake
 from tests.test_recommend import publish_tiny_release
 from tests.tiny_lake import make_tiny_lake
 

@@ -33,7 +33,7 @@ def trained(ml_lake):
 
 
 def test_torchrun_training_writes_a_complete_model_version(trained):
-    from spark_features.delta_snapshot import table_version
+    from lake_contract.delta_snapshot import table_version
 
     lake, stdout = trained
     folder = Path(lake.root.removeprefix("file://")) / "models" / "ddp-e2e"

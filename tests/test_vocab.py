@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spark_features.vocab_registry import VocabInfo, vocab_table
+from lake_contract.vocab_registry import VocabInfo, vocab_table
 
 REPO = Path(__file__).resolve().parents[1]
 HOUR = "2026-01-05T13"
@@ -24,7 +24,7 @@ def io(spark):
 
 @pytest.fixture
 def lake(lake_root):
-    from spark_features.lake import Lake
+    from lake_contract.lake import Lake
 
     return Lake(str(lake_root))
 
@@ -47,7 +47,7 @@ def _seed_vocab(io, lake, name, rows) -> None:
 
 def _table_rows(lake, name) -> list[tuple]:
     """Every stored row of vocab/<name>, read by delta-rs (not Spark), in index order."""
-    from spark_features.delta_snapshot import read_table_deltars
+    from lake_contract.delta_snapshot import read_table_deltars
 
     rows = read_table_deltars(lake.table(vocab_table(name))).to_pylist()
     return sorted(((r["value"], r["index"], r["count"], r["min_count"], r["added_by"]) for r in rows),
@@ -62,14 +62,14 @@ STORED_SCHEMA = [
 
 
 def _delta_schema(lake, name) -> list[tuple]:
-    from spark_features.delta_snapshot import open_table
+    from lake_contract.delta_snapshot import open_table
 
     schema = json.loads(open_table(lake.table(vocab_table(name))).schema().to_json())
     return [(f["name"], f["type"], f["nullable"]) for f in schema["fields"]]
 
 
 def _version(lake, name):
-    from spark_features.delta_snapshot import table_version
+    from lake_contract.delta_snapshot import table_version
 
     return table_version(lake.table(vocab_table(name)))
 
@@ -81,8 +81,8 @@ DAY_ONE_ROWS = [("b", 1, 3, 2, "full"), ("a", 2, 2, 2, "full"), ("c", 3, 2, 2, "
 
 @pytest.mark.spark
 def test_first_update_assigns_indices_by_count_desc_then_value(spark, io, lake):
+    from lake_contract.vocab_registry import read_vocab_info, read_vocab_mapping, read_vocab_sizes
     from spark_features.vocab import index_column, load_vocab, update_vocab
-    from spark_features.vocab_registry import read_vocab_info, read_vocab_mapping, read_vocab_sizes
 
     # Nothing reaches the threshold: no table is created, and the vocabulary is just index 0.
     empty = update_vocab(io, lake, "user_id", _occurrences(spark, "a", "b", None), min_count=2)
@@ -117,8 +117,8 @@ def test_first_update_assigns_indices_by_count_desc_then_value(spark, io, lake):
 
 @pytest.mark.spark
 def test_later_update_keeps_every_old_index_appends_after_max_and_reruns_as_noop(spark, io, lake):
+    from lake_contract.vocab_registry import read_vocab_info, read_vocab_mapping, read_vocab_sizes
     from spark_features.vocab import update_vocab
-    from spark_features.vocab_registry import read_vocab_info, read_vocab_mapping, read_vocab_sizes
 
     _seed_vocab(io, lake, "item_id", DAY_ONE_ROWS)  # what the first update wrote (previous test)
 
@@ -154,9 +154,9 @@ def test_registry_reads_every_vocab_table_without_spark(lake_root):
     import pyarrow as pa
     from deltalake import write_deltalake
 
-    from spark_features.errors import TableNotFoundError
-    from spark_features.lake import Lake
-    from spark_features.vocab_registry import read_vocab_info, read_vocab_mapping, read_vocab_sizes
+    from lake_contract.errors import TableNotFoundError
+    from lake_contract.lake import Lake
+    from lake_contract.vocab_registry import read_vocab_info, read_vocab_mapping, read_vocab_sizes
 
     lake = Lake(str(lake_root))
     assert read_vocab_sizes(str(lake_root)) == {}
@@ -239,8 +239,8 @@ def test_concurrent_updates_one_commits_the_other_conflicts(spark, io, lake, rac
     """Two updates planned against the same version (an existing table, or none yet): while the
     loser is between reading and committing, the winner commits; the loser raises and leaves
     nothing behind."""
-    from spark_features.delta_snapshot import resolve_snapshot
-    from spark_features.errors import CommitConflictError
+    from lake_contract.delta_snapshot import resolve_snapshot
+    from lake_contract.errors import CommitConflictError
     from spark_features.vocab import update_vocab
 
     winner_rows = [("y", 1, 1, 1, "winner")]
@@ -321,7 +321,7 @@ def test_vocab_table_paths():
 
 def test_vocab_registry_imports_without_pyspark():
     code = (
-        "import sys, spark_features.vocab_registry\n"
+        "import sys, lake_contract.vocab_registry\n"
         "assert 'pyspark' not in sys.modules, sorted(m for m in sys.modules if m.startswith('pyspark'))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

@@ -175,8 +175,8 @@ def save_tiny_model(root: str | Path, version: str, seed: int = 0, parent: str |
     metrics, to stage a model that looks worse than the current release."""
     import torch
 
-    from spark_features.delta_snapshot import resolve_snapshot, table_version
-    from spark_features.lake import Lake
+    from lake_contract.delta_snapshot import resolve_snapshot, table_version
+    from lake_contract.lake import Lake
     from trainer.artifacts import StagedModel
     from trainer.data import resolve_pairs
     from trainer.evaluation import evaluate_split

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from spark_features.errors import TowerlakeError
-from spark_features.lake import Lake, fsync_path, to_local_path
+from lake_contract.errors import TowerlakeError
+from lake_contract.lake import Lake, fsync_path, to_local_path
 from trainer.config import TrainConfig
 from trainer.feature_schema import FeatureSchema
 from trainer.towers import TwoTowerModel

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from spark_features.errors import TowerlakeError
+from lake_contract.errors import TowerlakeError
 
 _NAME = re.compile(r"step-(\d{10})\.pt")
 

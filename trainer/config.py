@@ -1,4 +1,4 @@
-"""Typed, validated configuration of the towers and of one training run (STYLE.md item 2).
+"""Typed, validated configuration of the towers and of one training run (docs/style.md item 2).
 
 ``ModelConfig`` describes the towers (it is saved with every model and must match to load
 weights); ``TrainConfig`` describes one run (loss, negatives, optimiser, schedule, data).

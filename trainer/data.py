@@ -1,7 +1,7 @@
 """Training data: exact Delta snapshots streamed by Petastorm, sharded by rank.
 
 ``resolve_pairs`` pins one version of ``pairs/<split>`` and lists its Parquet files
-(DESIGN.md decision 2); the version goes into the model manifest. ``train_batches`` hands
+(docs/design.md decision 2); the version goes into the model manifest. ``train_batches`` hands
 that file list to Petastorm's ``make_batch_reader`` with ``cur_shard=rank,
 shard_count=world`` (row groups are dealt to ranks) and batches it with Petastorm's
 ``BatchedDataLoader`` (shuffling buffer). ``synchronized`` makes every rank run the same
@@ -27,9 +27,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from spark_features.delta_snapshot import DeltaSnapshot, resolve_snapshot, snapshot_file_path
-from spark_features.errors import BadInputError
-from spark_features.lake import Lake
+from lake_contract.delta_snapshot import DeltaSnapshot, resolve_snapshot, snapshot_file_path
+from lake_contract.errors import BadInputError
+from lake_contract.lake import Lake
 from trainer.distributed import DistContext
 from trainer.feature_schema import MULTI_VALUED_WIDTH, FeatureSchema
 from trainer.item_store import pad_list_array

@@ -1,4 +1,4 @@
-"""All distributed plumbing in one place (STYLE.md item 5): nothing else reads ``RANK``.
+"""All distributed plumbing in one place (docs/style.md item 5): nothing else reads ``RANK``.
 
 ``init_distributed(backend)`` returns a ``DistContext``; every collective the training
 loop needs goes through it, so the same loop runs single-process, under ``torchrun``

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spark_features.delta_snapshot import DeltaSnapshot
+from lake_contract.delta_snapshot import DeltaSnapshot
 from trainer.data import iter_eval_batches
 from trainer.feature_schema import FeatureSchema
 from trainer.item_store import ItemFeatureStore

@@ -3,7 +3,7 @@
 The feature build records every model input column in ``features/spec`` (kind, vocabulary,
 bucket boundaries) and every vocabulary in ``vocab/<name>``; this module turns those into a
 ``FeatureSchema`` the towers are built from. It pins the Delta version of every table it
-reads, so a model can name the exact data it was sized from (DESIGN.md decision 2).
+reads, so a model can name the exact data it was sized from (docs/design.md decision 2).
 
 Sizes: a categorical or multi-valued field has ``vocab size`` rows (index 0 = unknown /
 padding); a bucketised numeric has ``len(boundaries) + 2`` rows (0 = null, 1.. = buckets).
@@ -17,9 +17,9 @@ from typing import Literal
 
 import pyarrow.compute as pc
 
-from spark_features.delta_snapshot import read_snapshot_arrow, resolve_snapshot
-from spark_features.lake import Lake
-from spark_features.vocab_registry import read_vocab_info
+from lake_contract.delta_snapshot import read_snapshot_arrow, resolve_snapshot
+from lake_contract.lake import Lake
+from lake_contract.vocab_registry import read_vocab_info
 
 FieldKind = Literal["categorical", "multi_valued", "bucket"]
 

@@ -34,10 +34,10 @@ from typing import Any, Literal
 import pyarrow.parquet as pq
 from torch import nn
 
-from spark_features.delta_snapshot import DeltaSnapshot, resolve_snapshot, snapshot_file_path, table_exists
-from spark_features.errors import BadInputError
-from spark_features.lake import Lake
-from spark_features.run_ledger import completed_windows
+from lake_contract.delta_snapshot import DeltaSnapshot, resolve_snapshot, snapshot_file_path, table_exists
+from lake_contract.errors import BadInputError
+from lake_contract.lake import Lake
+from lake_contract.run_ledger import completed_windows
 from trainer.artifacts import (
     LoadedModel,
     ModelNotFoundError,

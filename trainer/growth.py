@@ -1,6 +1,6 @@
 """Grow a trained two-tower model to a newer, larger schema for the hourly fine-tune.
 
-Vocabularies are append-only (DESIGN.md decision 5): between two runs an id keeps its index
+Vocabularies are append-only (docs/design.md decision 5): between two runs an id keeps its index
 and new ids get the next indices, so every embedding table of the parent model is a prefix
 of the table the new vocabulary needs. ``grow_model`` builds a new ``TwoTowerModel`` for the
 new schema whose old rows are the parent's rows bit for bit and whose new rows are drawn like

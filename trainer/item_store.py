@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from spark_features.delta_snapshot import DeltaSnapshot, read_snapshot_arrow
+from lake_contract.delta_snapshot import DeltaSnapshot, read_snapshot_arrow
 from trainer.feature_schema import MULTI_VALUED_WIDTH, FeatureSchema
 
 

@@ -71,7 +71,7 @@ def call_in_each_process(target: str, argv: list[str]) -> dict:
     try:
         code = function(argv) or 0
     except Exception as err:
-        from spark_features.errors import TowerlakeError
+        from lake_contract.errors import TowerlakeError
 
         kind = "input" if isinstance(err, (ValueError, TowerlakeError)) else "unexpected"
         reason = " ".join(f"{type(err).__name__}: {err}".split())

@@ -1,4 +1,4 @@
-"""The one training loop (STYLE.md item 6): full retrain and fine-tune alike, 1 or N processes.
+"""The one training loop (docs/style.md item 6): full retrain and fine-tune alike, 1 or N processes.
 
 ``prepare_run`` pins every table version the run reads and loads the item feature store;
 ``train`` runs epochs of synchronized Petastorm batches, evaluates on the validation split
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 import torch
 
-from spark_features.delta_snapshot import DeltaSnapshot, resolve_snapshot, snapshot_file_path
-from spark_features.errors import TowerlakeError
-from spark_features.lake import Lake
+from lake_contract.delta_snapshot import DeltaSnapshot, resolve_snapshot, snapshot_file_path
+from lake_contract.errors import TowerlakeError
+from lake_contract.lake import Lake
 from trainer.artifacts import StagedModel
 from trainer.checkpoints import CheckpointManager, check_compatible, isolated_rng
 from trainer.config import TrainConfig

@@ -1,4 +1,4 @@
-"""Losses of the two-tower task. They live beside the towers, not inside them (STYLE.md 1).
+"""Losses of the two-tower task. They live beside the towers, not inside them (docs/style.md 1).
 
 All take L2-normalised tower outputs and the score scale (1 / temperature).
 

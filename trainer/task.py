@@ -3,7 +3,7 @@
 It knows the towers, the item feature store and the distributed context, never the
 optimizer. Candidates for the sampled softmax are the positives of the GLOBAL batch (every
 rank's, gathered with gradient) followed by each rank's uniformly sampled extra items, so
-every rank sees global negatives (DESIGN.md; trainer/distributed.py explains why the
+every rank sees global negatives (docs/design.md; trainer/distributed.py explains why the
 gradient then equals the single-process one).
 """
 

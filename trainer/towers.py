@@ -1,4 +1,4 @@
-"""The user tower and the item tower: plain ``nn.Module``s (STYLE.md item 1).
+"""The user tower and the item tower: plain ``nn.Module``s (docs/style.md item 1).
 
 Both towers embed their fields to ``(batch, fields, field_dim)``, optionally reweight the
 fields with SENet, flatten, (DAT) append the augmented vector, and map through an MLP to an

@@ -1,10 +1,10 @@
 """Read append-only vocabularies (``vocab/<name>`` Delta tables) without Spark.
 
 The trainer sizes its embedding tables from here and serving maps small lookups, so this
-module must never import pyspark (DESIGN.md layout; ``spark_features.vocab`` is the Spark
+module must never import pyspark (docs/design.md layout; ``spark_features.vocab`` is the Spark
 side that writes the tables).
 
-A vocabulary maps a string value to a stable index (DESIGN.md decision 5): index 0 is
+A vocabulary maps a string value to a stable index (docs/design.md decision 5): index 0 is
 reserved for unknown/padding and never assigned, a value keeps its index forever, and new
 values get indices after the current maximum. ``size`` (max index + 1) is therefore the
 number of embedding rows, index 0 included, and only grows.
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from spark_features.delta_snapshot import read_snapshot_arrow, resolve_snapshot, table_exists
-from spark_features.errors import TableNotFoundError
-from spark_features.lake import Lake
+from lake_contract.delta_snapshot import read_snapshot_arrow, resolve_snapshot, table_exists
+from lake_contract.errors import TableNotFoundError
+from lake_contract.lake import Lake
 
 VOCAB_ROOT = "vocab"
 UNKNOWN_INDEX = 0

@@ -11,13 +11,13 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
-from spark_features.delta_snapshot import (
+from lake_contract.delta_snapshot import (
     deltars_location,
     read_snapshot_arrow,
     resolve_snapshot,
     table_exists,
 )
-from spark_features.lake import Lake
+from lake_contract.lake import Lake
 
 LEDGER_SCHEMA = pa.schema([
     pa.field("window", pa.string(), nullable=False),

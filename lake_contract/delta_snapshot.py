@@ -1,7 +1,7 @@
 """Read-side Delta helpers that need no Spark: exact snapshots, file lists, history.
 
 ``trainer/`` uses this module to pin a table version and hand its Parquet files to
-Petastorm, so it must never import pyspark (DESIGN.md decision 2).
+Petastorm, so it must never import pyspark (docs/design.md decision 2).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 
-from spark_features.errors import TableNotFoundError
-from spark_features.lake import to_local_path, to_uri
+from lake_contract.errors import TableNotFoundError
+from lake_contract.lake import to_local_path, to_uri
 
 
 @dataclass(frozen=True)

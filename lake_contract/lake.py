@@ -1,4 +1,4 @@
-"""Where every table and artifact lives under one lake root (DESIGN.md, data flow).
+"""Where every table and artifact lives under one lake root (docs/design.md, data flow).
 
 The root is a local folder or any URI; table paths are fixed relative names so that jobs,
 DAGs and people agree on them without configuration.
