@@ -6,9 +6,11 @@
 #                  torch (CPU wheel), FAISS, Horovod (built here, C++17 recipe), recbole's
 #                  MovieLens-100K files, dev tools.
 #   .venv-airflow  Airflow 3.3 + the Spark provider (kept apart: see requirements/airflow.txt).
+#   .jars          the delta-spark jars (native Delta engine), by scripts/fetch_jars.sh.
 #
 # Env knobs: PYTHON (interpreter, default python3.11), TOWERLAKE_SKIP_HOROVOD=1,
-# TOWERLAKE_SKIP_AIRFLOW=1 (for a laptop that only wants the pipeline).
+# TOWERLAKE_SKIP_AIRFLOW=1 (for a laptop that only wants the pipeline), TOWERLAKE_SKIP_JARS=1
+# (no delta-spark jars: the jobs then use the delta-rs engine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -26,8 +28,16 @@ die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 command -v "$PY" >/dev/null || die "no $PY on PATH; set PYTHON=/path/to/python3.11"
 command -v java >/dev/null || die "Spark needs Java 17 (java not on PATH): install openjdk-17-jre-headless"
 
+# The jars first and on every run: fetch_jars.sh is a no-op in milliseconds when they are
+# there, so a deleted .jars/ comes back even when the environments' stamp matches.
+if [[ ${TOWERLAKE_SKIP_JARS:-0} == 1 ]]; then
+  log "delta-spark jars skipped (TOWERLAKE_SKIP_JARS=1): jobs use the delta-rs engine"
+else
+  bash scripts/fetch_jars.sh
+fi
+
 stamp_of() {
-  cat pyproject.toml requirements/airflow.txt scripts/setup.sh scripts/cxx17 \
+  cat pyproject.toml requirements/airflow.txt scripts/setup.sh scripts/cxx17 scripts/fetch_jars.sh \
     | { sha256sum; echo "skip_horovod=${TOWERLAKE_SKIP_HOROVOD:-0} skip_airflow=${TOWERLAKE_SKIP_AIRFLOW:-0}"; } \
     | sha256sum | cut -d' ' -f1
 }
