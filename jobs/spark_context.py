@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 
 def build_spark_session(app_name: str, master: str | None = None, shuffle_partitions: int | None = None):
@@ -43,10 +44,8 @@ def build_spark_session(app_name: str, master: str | None = None, shuffle_partit
     )
     if not os.environ.get("PYSPARK_PYTHON"):
         builder = builder.config("spark.pyspark.python", sys.executable)
-    if _delta_jars_requested():
-        builder = builder.config(
-            "spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension"
-        ).config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
+    for key, value in delta_session_conf(_submitted_conf()).items():
+        builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("TOWERLAKE_SPARK_LOG_LEVEL", "ERROR"))
     return spark
@@ -59,6 +58,53 @@ def _submitted_conf() -> dict[str, str]:
     return dict(SparkConf().getAll())
 
 
-def _delta_jars_requested() -> bool:
-    """True when the caller asked for the native Delta engine (jars on the classpath)."""
-    return os.environ.get("TOWERLAKE_DELTA_ENGINE", "auto") == "native"
+# The native Delta engine (docs/lake.md): delta-spark's jars, put in .jars/ by
+# scripts/fetch_jars.sh at setup, never fetched here.
+DELTA_JARS_DIR = Path(__file__).resolve().parents[1] / ".jars"
+DELTA_JAR_PREFIXES = ("delta-spark_2.13-", "delta-storage-")
+
+
+def delta_jars(folder: Path | None = None) -> list[str]:
+    """The delta-spark jars in ``folder`` (``$TOWERLAKE_JARS`` or ``<repo>/.jars``), or [] when
+    either is missing."""
+    folder = Path(folder or os.environ.get("TOWERLAKE_JARS") or DELTA_JARS_DIR)
+    found = [sorted(folder.glob(f"{prefix}*.jar")) for prefix in DELTA_JAR_PREFIXES] if folder.is_dir() else []
+    if len(found) != len(DELTA_JAR_PREFIXES) or not all(found):
+        return []
+    return [str(jars[-1]) for jars in found]
+
+
+def delta_session_conf(submitted: dict[str, str]) -> dict[str, str]:
+    """Spark settings for the native Delta engine, per ``TOWERLAKE_DELTA_ENGINE``:
+
+    * ``auto`` (default): the jars in ``.jars/`` when there (else whatever spark-submit passed
+      with ``--jars``/``--packages``), with the session extension and catalog; nothing at all
+      when neither has delta-spark, and the jobs use delta-rs;
+    * ``native``: the same, and the extension even without local jars (a cluster that ships
+      them another way); ``DeltaLakeIO`` says clearly when the classes are still missing;
+    * ``delta-rs``: nothing: the session has no Delta classes, as before the jars existed.
+    """
+    engine = os.environ.get("TOWERLAKE_DELTA_ENGINE", "auto")
+    if engine not in ("auto", "native", "delta-rs"):
+        raise ValueError(f"TOWERLAKE_DELTA_ENGINE must be 'auto', 'native' or 'delta-rs', got {engine!r}")
+    if engine == "delta-rs":
+        return {}
+    conf: dict[str, str] = {}
+    jars = delta_jars()
+    submitted_jars = [j for j in submitted.get("spark.jars", "").split(",") if j]
+    if jars and not any("delta-spark" in j for j in submitted_jars):
+        conf["spark.jars"] = ",".join([*submitted_jars, *jars])
+    shipped = any("delta-spark" in submitted.get(k, "") for k in ("spark.jars", "spark.jars.packages"))
+    if jars or shipped or engine == "native":
+        extensions = [e for e in submitted.get("spark.sql.extensions", "").split(",") if e]
+        conf["spark.sql.extensions"] = ",".join(dict.fromkeys([*extensions, "io.delta.sql.DeltaSparkSessionExtension"]))
+        conf["spark.sql.catalog.spark_catalog"] = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+        # Deletion vectors would make a table's file list (Petastorm's input) include deleted
+        # rows: new tables never get them, MERGE stays copy-on-write.
+        conf["spark.databricks.delta.properties.defaults.enableDeletionVectors"] = "false"
+        # Log replay in a few tasks, not Delta's 50: the logs here are small; a cluster with huge
+        # logs passes --conf spark.databricks.delta.snapshotPartitions=N (which wins).
+        if "spark.databricks.delta.snapshotPartitions" not in submitted:
+            conf["spark.databricks.delta.snapshotPartitions"] = os.environ.get(
+                "TOWERLAKE_DELTA_SNAPSHOT_PARTITIONS", "4")
+    return conf

@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 
-from lake_contract.errors import TableNotFoundError
+from lake_contract.errors import TableNotFoundError, UnsupportedTableError
 from lake_contract.lake import to_local_path, to_uri
 
 
@@ -86,6 +86,7 @@ def resolve_snapshot(table_uri: str, version: int | None = None) -> DeltaSnapsho
     """Pin ``version`` (latest when None) and list its data files with their partition values."""
     uri = to_uri(table_uri)
     table = open_table(uri, version)
+    refuse_deletion_vectors(table, uri)
     metadata = table.metadata()
     partition_columns = tuple(metadata.partition_columns)
     actions = _add_actions(table)
@@ -107,6 +108,24 @@ def resolve_snapshot(table_uri: str, version: int | None = None) -> DeltaSnapsho
         schema_json=table.schema().to_json(),
         num_rows=total_rows,
     )
+
+
+def refuse_deletion_vectors(table, table_uri: str) -> None:
+    """A file list is the table only without deletion vectors (rows a MERGE/DELETE marked
+    deleted inside files it kept): refuse such a table rather than hand deleted rows on.
+
+    Towerlake's own writers never make them (the native session turns them off); a table
+    written elsewhere may have them.
+    """
+    features = table.protocol().reader_features or []
+    if "deletionVectors" in features:
+        raise UnsupportedTableError(
+            f"table {table_uri} has the Delta 'deletionVectors' reader feature: its Parquet file list "
+            "would include deleted rows, so Towerlake refuses to read it that way. Rewrite it without "
+            "them (Spark SQL: ALTER TABLE delta.`<path>` SET TBLPROPERTIES "
+            "('delta.enableDeletionVectors'=false); REORG TABLE delta.`<path>` APPLY (PURGE); "
+            "ALTER TABLE delta.`<path>` DROP FEATURE deletionVectors) or re-run the job that writes it"
+        )
 
 
 def table_history(table_uri: str, limit: int | None = None) -> list[dict]:

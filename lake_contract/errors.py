@@ -22,5 +22,9 @@ class CommitConflictError(TowerlakeError):
     """Another writer committed a conflicting change first; nothing of this write is visible."""
 
 
+class UnsupportedTableError(TowerlakeError):
+    """A Delta table uses a feature Towerlake's readers cannot honour (e.g. deletion vectors)."""
+
+
 class BadInputError(TowerlakeError):
     """Input data is unusable as given (too many bad rows, missing columns, unreadable files)."""

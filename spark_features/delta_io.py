@@ -2,9 +2,10 @@
 
 docs/design.md decision 1:
 
-* ``native``: the delta-spark jars are on Spark's classpath (a real cluster) and Spark reads
-  and writes ``format("delta")`` itself.
-* ``delta-rs``: no jars (every machine here). Spark writes plain Parquet files into a fresh
+* ``native``: the delta-spark jars are on Spark's classpath (``.jars/`` from setup, or a
+  cluster's) and Spark reads and writes ``format("delta")`` itself; upserts are Delta MERGEs.
+* ``delta-rs``: no jars (``TOWERLAKE_DELTA_ENGINE=delta-rs``, or a machine without them).
+  Spark writes plain Parquet files into a fresh
   folder inside the table, then the driver commits all of them to the Delta log in ONE
   delta-rs transaction, with each file's size and column statistics read from its Parquet
   footer. Readers see all of a write or none of it; a failure before the commit leaves the
@@ -103,11 +104,14 @@ class DeltaLakeIO:
         if self.engine == "native" and not native:
             raise TableNotFoundError(
                 "engine 'native' asked for, but the delta-spark jars are not on Spark's classpath "
-                "(or spark.sql.extensions lacks io.delta.sql.DeltaSparkSessionExtension): add "
-                "--packages io.delta:delta-spark_2.13:4.0.0 on a cluster, or use engine 'auto'"
+                "(or spark.sql.extensions lacks io.delta.sql.DeltaSparkSessionExtension): run "
+                "scripts/fetch_jars.sh (setup does), add --packages io.delta:delta-spark_2.13:4.0.1 on a "
+                "cluster, or use engine 'auto'"
             )
         self.resolved_engine = "native" if (native and self.engine != "delta-rs") else "delta-rs"
-        log.info("Delta engine: %s", self.resolved_engine)
+        log.info("Delta engine: %s (%s)", self.resolved_engine,
+                 "Spark's format('delta'), delta-spark jars" if self.resolved_engine == "native"
+                 else "Spark writes Parquet, delta-rs commits")
 
     # ------------------------------------------------------------------ reads
     def read_table(self, table_uri: str, version: int | None = None) -> DataFrame:
@@ -118,6 +122,7 @@ class DeltaLakeIO:
                 raise TableNotFoundError(f"no Delta table at {uri}: run the job that writes it first")
             reader = self.spark.read.format("delta")
             if version is not None:
+                open_table(uri, version)  # a missing version: the same clear error as delta-rs
                 reader = reader.option("versionAsOf", version)
             return reader.load(uri)
         snapshot = resolve_snapshot(uri, version)
@@ -162,6 +167,9 @@ class DeltaLakeIO:
         """MERGE ``updates`` into the table by ``key``: matching rows are replaced, new keys
         inserted, every other row kept, in ONE commit. A missing table is created.
 
+        native engine: a Delta MERGE (copy-on-write: deletion vectors stay off, see
+        ``refuse_deletion_vectors``); a concurrent conflicting commit: ``CommitConflictError``.
+
         delta-rs engine: copy-on-write at file granularity. Only the files that hold a key
         of ``updates`` are rewritten (their other rows carried over); the commit removes them
         and adds the new files, planned against the version that was read, so a concurrent
@@ -180,13 +188,10 @@ class DeltaLakeIO:
         if not table_exists(uri):
             return self.write_table(updates, uri, mode="overwrite")
         if self.resolved_engine == "native":
-            from delta.tables import DeltaTable as SparkDeltaTable
-
-            condition = " AND ".join(f"t.`{c}` = s.`{c}`" for c in key)
-            (SparkDeltaTable.forPath(self.spark, uri).alias("t").merge(updates.alias("s"), condition)
-             .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
-            version = open_table(uri).version()
-            return WriteResult(uri, version, "native", "merge", 0, 0, seconds=time.monotonic() - started)
+            existing = StructType.fromJson(_json(open_table(uri).schema().to_json()))
+            check_schema_compatible(existing, updates.schema, uri)
+            result = self._merge_native(updates.select(*existing.names), uri, key)
+            return replace(result, seconds=time.monotonic() - started)
 
         snapshot = resolve_snapshot(uri)
         if snapshot.partition_columns:
@@ -269,31 +274,74 @@ class DeltaLakeIO:
 
     # native engine -------------------------------------------------------
     def _write_native(self, df, uri, mode, partition_by, replace_where, overwrite_schema, options=None) -> WriteResult:
-        writer = df.write.format("delta").mode(mode).option("maxRecordsPerFile", self.max_records_per_file)
+        write_id = uuid.uuid4().hex
+        writer = (df.write.format("delta").mode(mode).option("maxRecordsPerFile", self.max_records_per_file)
+                  .option("userMetadata", _user_metadata(write_id)))
         writer = writer.options(**(options or {}))
         if partition_by:
             writer = writer.partitionBy(*partition_by)
         replaced = None
-        if replace_where == "dynamic":
-            writer = writer.option("partitionOverwriteMode", "dynamic")
-        elif replace_where:
+        # The session sets partitionOverwriteMode=dynamic (for plain Parquet writes). Delta would
+        # apply it to EVERY overwrite (a full overwrite would keep the partitions the data lacks)
+        # and refuses it next to replaceWhere: only replace_where="dynamic" asks for it.
+        writer = writer.option("partitionOverwriteMode", "dynamic" if replace_where == "dynamic" else "static")
+        if replace_where and replace_where != "dynamic":
             replaced = {c: [_partition_string(v) for v in vals] for c, vals in replace_where.items()}
             writer = writer.option("replaceWhere", _sql_predicate(replace_where))
         if overwrite_schema:
             writer = writer.option("overwriteSchema", "true")
-        writer.save(uri)
+        try:
+            writer.save(uri)
+        except Exception as err:
+            conflict = _native_conflict(err, uri, mode)
+            if conflict is None:
+                raise
+            raise conflict from err
+        result = self._native_result(uri, write_id, mode)
+        if replace_where == "dynamic":
+            replaced = _commit_partitions(uri, result.version, partition_by) if result.files_added else \
+                {c: [] for c in partition_by}
+        return replace(result, replaced_partitions=replaced)
+
+    def _merge_native(self, updates: DataFrame, uri: str, key: list[str]) -> WriteResult:
+        from delta.tables import DeltaTable as SparkDeltaTable
+
+        write_id = uuid.uuid4().hex
+        condition = " AND ".join(f"t.`{c}` = s.`{c}`" for c in key)
+        merge = (SparkDeltaTable.forPath(self.spark, uri).alias("t").merge(updates.alias("s"), condition)
+                 .whenMatchedUpdateAll().whenNotMatchedInsertAll())
+        # MERGE takes its commit's userMetadata only from the session conf: set for this call.
+        conf_key = "spark.databricks.delta.commitInfo.userMetadata"
+        previous = self.spark.conf.get(conf_key, None)
+        self.spark.conf.set(conf_key, _user_metadata(write_id))
+        try:
+            merge.execute()
+        except Exception as err:
+            conflict = _native_conflict(err, uri, "merge")
+            if conflict is None:
+                raise
+            raise conflict from err
+        finally:
+            if previous is None:
+                self.spark.conf.unset(conf_key)
+            else:
+                self.spark.conf.set(conf_key, previous)
+        return self._native_result(uri, write_id, "merge")
+
+    @staticmethod
+    def _native_result(uri: str, write_id: str, mode: str) -> WriteResult:
+        """The commit this write made, found by its write id (not "the latest": a concurrent
+        writer may have committed after it), with Delta's own file and row counts."""
         table = open_table(uri)
-        last = table.history(1)[0]
-        metrics = last.get("operationMetrics") or {}
-        return WriteResult(
-            table_uri=uri,
-            version=table.version(),
-            engine="native",
-            mode=mode,
-            files_added=int(metrics.get("numFiles", 0) or 0),
-            rows_written=int(metrics.get("numOutputRows", 0) or 0),
-            replaced_partitions=replaced,
-        )
+        commit = _find_commit(table, write_id)
+        if commit is None:
+            # Delta committed nothing (an append of no rows to an existing table): a no-op,
+            # as with delta-rs; the table keeps its version.
+            return WriteResult(uri, table.version(), "native", mode, 0, 0)
+        metrics = commit.get("operationMetrics") or {}
+        files = metrics.get("numFiles", metrics.get("numTargetFilesAdded", 0))
+        return WriteResult(uri, int(commit["version"]), "native", mode, int(files or 0),
+                           int(metrics.get("numOutputRows", 0) or 0))
 
     # delta-rs engine -----------------------------------------------------
     def _stage_files(self, df, uri, mode, partition_by, replace_where, exists, read_version,
@@ -334,6 +382,9 @@ class DeltaLakeIO:
 
         uri = staged.table_uri
         location = deltars_location(uri)
+        if staged.table_existed and staged.mode == "append" and not staged.adds and not staged.removes:
+            # Nothing to add: no commit (Delta's own writer makes none either), same version.
+            return WriteResult(uri, DeltaTable(location).version(), "delta-rs", "append", 0, 0)
         schema = Schema.from_json(staged.schema_json)
         replaced = _replaced_partitions(staged)
         filters = None
@@ -415,8 +466,10 @@ def native_delta_available(spark: SparkSession) -> bool:
     extensions = spark.conf.get("spark.sql.extensions", "") or ""
     if "DeltaSparkSessionExtension" not in extensions:
         return False
+    jvm = spark.sparkContext._jvm
     try:
-        spark.sparkContext._jvm.java.lang.Class.forName(_NATIVE_CLASS)
+        # spark.jars load into Spark's own class loader, which Class.forName does not search.
+        jvm.java.lang.Thread.currentThread().getContextClassLoader().loadClass(_NATIVE_CLASS)
     except Exception:
         return False
     return True
@@ -444,6 +497,61 @@ def check_schema_compatible(existing: StructType, incoming: StructType, uri: str
 
 
 # --------------------------------------------------------------------- helpers
+# Delta's optimistic-concurrency failures (io.delta.exceptions.*, all DeltaConcurrentModification-
+# Exception) by class and error-class name: the commit did not happen, a re-run is safe.
+_NATIVE_CONFLICTS = (
+    "ConcurrentAppendException", "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException",
+    "ConcurrentWriteException", "ConcurrentTransactionException", "MetadataChangedException",
+    "ProtocolChangedException", "DELTA_CONCURRENT_", "DELTA_METADATA_CHANGED", "DELTA_PROTOCOL_CHANGED",
+)
+_COMMIT_SCAN = 100  # newest commits searched for a write's own commit
+
+
+def _native_conflict(err: Exception, uri: str, mode: str) -> CommitConflictError | None:
+    """The same ``CommitConflictError`` delta-rs conflicts give, for a Delta (JVM) conflict."""
+    text = str(err)
+    marker = next((m for m in _NATIVE_CONFLICTS if m in text), None)
+    if marker is None:
+        return None
+    said = next((line.strip() for line in text.splitlines() if marker in line), marker)
+    return CommitConflictError(
+        f"concurrent write to {uri} conflicts with this {mode}: nothing of this write was committed; "
+        f"re-run the job. Delta said: {said[:400]}"
+    )
+
+
+def _user_metadata(write_id: str) -> str:
+    import json
+
+    return json.dumps({"towerlake.writer": "spark-native", "towerlake.write_id": write_id})
+
+
+def _find_commit(table, write_id: str) -> dict | None:
+    """The commit (delta-rs history entry) whose userMetadata carries ``write_id``."""
+    for commit in table.history(_COMMIT_SCAN):
+        if write_id in (commit.get("userMetadata") or ""):
+            return commit
+    return None
+
+
+def _commit_partitions(uri: str, version: int, partition_by: list[str]) -> dict[str, list[str]]:
+    """Partition values of the files one commit added (read from its log entry)."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(f"{uri}/_delta_log/{version:020d}.json")
+    with fs.open_input_stream(path) as handle:
+        lines = handle.read().decode("utf-8").splitlines()
+    values: dict[str, set] = {c: set() for c in partition_by}
+    for line in lines:
+        add = json.loads(line).get("add") if line.strip() else None
+        if add:
+            for col in partition_by:
+                values[col].add(add["partitionValues"].get(col))
+    return {c: sorted(v for v in vals if v is not None) for c, vals in values.items()}
+
+
 def _json(text: str) -> dict:
     import json
 
