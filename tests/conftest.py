@@ -1,4 +1,8 @@
-"""Shared fixtures: ONE local Spark session for the whole test run (docs/style.md item 8)."""
+"""Shared fixtures: ONE local Spark session for the whole test run (docs/style.md item 8).
+
+The session carries the delta-spark jars (``.jars/``, from setup) so that both Delta engines
+run in it: ``delta_io`` gives each storage test once per engine.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,22 @@ def spark():
     session = build_spark_session("towerlake-tests", master="local[2]", shuffle_partitions=4)
     yield session
     session.stop()
+
+
+@pytest.fixture(params=["native", "delta-rs"])
+def delta_io(request, spark):
+    """A ``DeltaLakeIO`` for each engine. The native one needs the jars, which setup always
+    fetches: missing in CI they fail the run; elsewhere (or with TOWERLAKE_DELTA_ENGINE=
+    delta-rs, the session then built without them) the native case is skipped."""
+    from spark_features.delta_io import DeltaLakeIO, native_delta_available
+
+    if request.param == "native" and not native_delta_available(spark):
+        reason = ("native Delta engine not in this session: no delta-spark jars in .jars/ "
+                  "(scripts/fetch_jars.sh fetches them) or TOWERLAKE_DELTA_ENGINE=delta-rs")
+        if os.environ.get("CI") and os.environ.get("TOWERLAKE_DELTA_ENGINE", "auto") != "delta-rs":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return DeltaLakeIO(spark, engine=request.param)
 
 
 @pytest.fixture
