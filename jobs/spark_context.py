@@ -20,30 +20,40 @@ def build_spark_session(app_name: str, master: str | None = None, shuffle_partit
     * ``spark.sql.parquet.outputTimestampType=TIMESTAMP_MICROS``: Spark's INT96 default is a
       deprecated encoding that other Delta readers handle badly;
     * ``spark.sql.session.timeZone=UTC``: event dates are UTC dates everywhere;
-    * ``spark.pyspark.python``: Python workers use this interpreter (the pipeline env), so
-      Arrow UDFs see the same pyarrow as the driver.
+    * the Python workers' interpreter: PySpark takes it from ``PYSPARK_PYTHON`` only (the
+      ``spark.pyspark.python`` conf is read by spark-submit's launcher, not by a driver
+      started as plain ``python``), and without it workers run the machine's ``python3``,
+      which lacks pyarrow/numpy, so every Arrow UDF fails. When unset, it is set to the
+      conf spark-submit passed, else to this interpreter (the pipeline env).
+
+    Speed defaults: 64 shuffle partitions with AQE coalescing (small inputs are merged back
+    into few tasks; 10M events fit the default heap), Arrow batches of 50k rows, Spark's
+    stage progress bar only when stderr is a terminal (never in CI logs).
     """
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.appName(app_name)
     if master or "spark.master" not in _submitted_conf():
         builder = builder.master(master or os.environ.get("TOWERLAKE_SPARK_MASTER", "local[*]"))
-    partitions = shuffle_partitions or int(os.environ.get("TOWERLAKE_SHUFFLE_PARTITIONS", "8"))
+    partitions = shuffle_partitions or int(os.environ.get("TOWERLAKE_SHUFFLE_PARTITIONS", "64"))
+    if not os.environ.get("PYSPARK_PYTHON"):
+        os.environ["PYSPARK_PYTHON"] = _submitted_conf().get("spark.pyspark.python") or sys.executable
     warehouse = os.environ.get("TOWERLAKE_SPARK_WAREHOUSE") or tempfile.mkdtemp(prefix="towerlake-warehouse-")
     builder = (
         builder.config("spark.sql.shuffle.partitions", str(partitions))
         .config("spark.sql.adaptive.enabled", "true")
+        .config("spark.sql.adaptive.coalescePartitions.enabled", "true")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
         .config("spark.sql.sources.partitionOverwriteMode", "dynamic")
         .config("spark.sql.warehouse.dir", warehouse)
         .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.ui.showConsoleProgress", str(sys.stderr.isatty()).lower())
         .config("spark.driver.memory", os.environ.get("TOWERLAKE_DRIVER_MEMORY", "4g"))
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.sql.execution.arrow.maxRecordsPerBatch", "50000")
+        .config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
     )
-    if not os.environ.get("PYSPARK_PYTHON"):
-        builder = builder.config("spark.pyspark.python", sys.executable)
     for key, value in delta_session_conf(_submitted_conf()).items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
@@ -52,9 +62,18 @@ def build_spark_session(app_name: str, master: str | None = None, shuffle_partit
 
 
 def _submitted_conf() -> dict[str, str]:
-    """Spark conf that spark-submit passed to this driver (empty when run as plain python)."""
-    from pyspark import SparkConf
+    """Spark conf that spark-submit passed to this driver (empty when run as plain python).
 
+    spark-submit starts the JVM first and hands its gateway port to this process; a
+    ``SparkConf`` built before the gateway is connected would be an empty Python dict, so
+    connect first (plain python has no gateway yet: starting one here would drop the
+    driver settings that must be given at JVM launch).
+    """
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        return {}
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()
     return dict(SparkConf().getAll())
 
 

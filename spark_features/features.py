@@ -55,10 +55,11 @@ def bucketize(col: Column, boundaries: tuple[float, ...] | list[float]) -> Colum
     """0 for null, else 1 + the number of boundaries <= x (int)."""
     if not boundaries:
         return F.when(col.isNull(), F.lit(0)).otherwise(F.lit(1))
-    arr = F.array(*[F.lit(float(b)) for b in boundaries])
-    return F.when(col.isNull(), F.lit(0)).otherwise(
-        (F.size(F.filter(arr, lambda b: b <= col.cast("double"))) + 1).cast("int")
-    )
+    # A sum of comparisons with literals compiles to plain code (a filter lambda over an
+    # array would be interpreted per row); Spark orders NaN above every number either way.
+    x = col.cast("double")
+    at_or_above = [F.when(x >= F.lit(float(b)), 1).otherwise(0) for b in boundaries]
+    return F.when(col.isNull(), F.lit(0)).otherwise((sum(at_or_above[1:], at_or_above[0]) + 1).cast("int"))
 
 
 def quantile_boundaries(df: DataFrame, column: str, n_buckets: int) -> tuple[float, ...]:

@@ -1,4 +1,5 @@
-"""Offline negative sampling for pointwise (BCE) two-tower training, entirely inside Spark.
+"""Offline negative sampling for pointwise (BCE) two-tower training: Spark moves the rows,
+numpy draws them.
 
 For every positive pair ``(pair_id, user_idx, item_idx)`` and every :class:`NegativeSpec`
 ``kind:count`` this module emits up to ``count`` negatives of that kind:
@@ -23,26 +24,24 @@ A pair whose user has too few eligible items gets fewer rows, never a positive.
 
 How it scales (no per-row Python, no collect of anything that grows with users or events):
 
-* every draw is an equi-join against a catalog-sized table that is broadcast (a draw from
-  the user's ranked list needs none: the list rides on the request row): a uniform
-  draw is ``position = floor(u * n_items)`` joined to items numbered ``0..n-1`` by
-  ``item_idx``; a hard draw is ``(category_idx, floor(u * n_in_category))`` joined to items
-  numbered within their category; a popularity draw uses a *guide table* (Chen & Asau's
-  indexed inverse-CDF search): the CDF scaled to ``[0, B)`` for ``B`` weighted items is cut
-  into ``B`` unit buckets, each item is listed under every bucket its CDF interval touches
-  (at most ``2B`` rows), and a draw ``y = u * B`` joins on ``floor(y)`` and keeps the one
-  item whose interval holds ``y`` (about 2 rows per draw before that filter);
-* the positive check is one join of the candidates with ``user_items`` on
-  ``(user_idx, item_idx)``, and the selection is a few windows over ``(pair_id, neg_kind)``
-  after one shuffle;
-* attempt 0 runs for every pair; only the pairs it left short run attempts
-  ``1..max_attempts-1`` (all at once, excluding what attempt 0 already took). The short
-  pairs' plan reads attempt 0's shuffles again (Spark reuses identical exchanges in one
-  query), so attempt 0 is not recomputed.
+* the catalog (one row per item: a few arrays of numbers) is read to the driver once and
+  shipped with the function: the item numbering, the CDF of ``popularity ** 0.75`` and the
+  items of every category, sorted;
+* the pairs, the ``user_items`` rows and the ranked lists are unioned and grouped by a
+  hash bucket of the user (``groupBy(bucket).applyInArrow``: one shuffle, every row of a
+  user in one group), and each group is sampled with whole-array numpy: uniform draws,
+  ``searchsorted`` on the CDF for popularity, category slices for hard draws, the
+  not-a-positive check by ``searchsorted`` on the group's sorted ``user << 32 | item`` keys,
+  first-distinct selection by one sort; only the (pair, kind)s a round left short are
+  drawn again;
+* a group holds ``1 / n_buckets`` of the users (``n_buckets`` = 4 x the shuffle partitions)
+  and is sampled in slices of at most ``_PAIRS_PER_SLICE`` pairs, so a worker's memory is
+  bounded by the bucket, not by the data.
 
-Determinism: every uniform comes from ``xxhash64(seed, stream, pair_id, attempt, draw)``
-(``F.rand`` is never used) and every window has a total order, so the same inputs and seed
-give the same rows whatever the partitioning of the inputs or of the shuffles.
+Determinism: every uniform is a counter-based hash (splitmix64) of ``(seed, stream, pair_id,
+attempt, draw)`` and a user's categories depend on that user's rows only, so the same inputs
+and seed give the same rows whatever the partitioning of the inputs, the shuffles or the
+number of buckets.
 """
 
 from __future__ import annotations
@@ -50,10 +49,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import partial
 from typing import Literal, get_args
 
-from pyspark.sql import Column, DataFrame, Window
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -83,13 +84,23 @@ _ALLOWED_KINDS_TEXT = ", ".join(NEGATIVE_KINDS)
 _POSITIVES_COLUMNS = {"pair_id": T.LongType(), "user_idx": T.IntegerType(), "item_idx": T.IntegerType()}
 _USER_ITEMS_COLUMNS = {"user_idx": T.IntegerType(), "item_idx": T.IntegerType()}
 _ITEMS_COLUMNS = {"item_idx": T.IntegerType(), "category_idx": T.IntegerType(), "popularity": T.LongType()}
-
-# One row per (pair, kind) still to fill: what it needs in total, what earlier attempts took.
-_REQUEST_COLUMNS = ("pair_id", "user_idx", "positive_item", "neg_kind", "need", "taken", "offset")
-_CANDIDATE_COLUMNS = (*_REQUEST_COLUMNS, "draw_key", "item_idx")
-_CATEGORIES_TYPE = "array<struct<category_rank:int,category_idx:int,n_items:bigint>>"
 _RANKED_COLUMNS = {"user_idx": T.IntegerType(), "items": T.ArrayType(T.IntegerType())}
 DEFAULT_RANKED_SHARE = 0.5
+
+# Rows of the grouped input: what each row is (ROLE_*), whose, which item, and for a pair its
+# id, for a ranked-list entry its position in the list.
+_ROLE_PAIR, _ROLE_USER_ITEM, _ROLE_RANKED = 0, 1, 2
+_GROUPED_SCHEMA = "role tinyint, user_idx int, item_idx int, pair_id bigint, position int"
+_OUTPUT_DDL = "pair_id bigint, user_idx int, item_idx int, neg_kind string, neg_rank int"
+# Buckets per shuffle partition: groups small enough for a worker, few enough to amortise
+# the per-group Arrow round trip.
+_BUCKETS_PER_PARTITION = 4
+# Pairs sampled at once inside a group: bounds the (pairs x draws) arrays of one slice.
+_PAIRS_PER_SLICE = 65_536
+
+# One hash stream per independent uniform of a draw.
+_STREAM_RANDOM, _STREAM_POPULARITY = 1, 2
+_STREAM_HARD_CATEGORY, _STREAM_HARD_ITEM, _STREAM_HARD_SOURCE, _STREAM_HARD_RANKED = 3, 4, 5, 6
 
 
 @dataclass(frozen=True)
@@ -165,8 +176,9 @@ def sample_negatives(
 
     Per pair and spec at most ``spec.count`` rows with ``neg_rank`` ``0..`` in draw order;
     fewer only when ``max_attempts`` rounds of ``spec.count * oversample`` draws found fewer
-    eligible distinct items. Lazy: nothing runs until an action; cache or write the result
-    if it is used more than once. The catalog-sized lookup tables are broadcast.
+    eligible distinct items. Reads the catalog (``items``, one row per item) to the driver
+    now; everything else is lazy: nothing runs until an action, so cache or write the result
+    if it is used more than once.
     """
     specs = _validate_specs(specs)
     _require_int("seed", seed, 0, _MAX_SEED)
@@ -183,40 +195,34 @@ def sample_negatives(
     if not specs:
         return _as_negatives(positives.limit(0).select(*_empty_negative_columns()))
 
-    catalog = _build_catalog(items, user_items, hard_top_categories)
+    catalog = _Catalog.from_arrow(items.toArrow())
     with_hard = any(spec.kind == "hard" for spec in specs)
-    draws = _DrawPlan(seed=seed, oversample=oversample, catalog=catalog, with_hard=with_hard,
-                      ranked=ranked if with_hard else None, ranked_share=float(ranked_share))
-    # distinct: the flag join below must not multiply candidates by duplicate rows.
-    positive_flags = user_items.distinct().withColumn("is_positive", F.lit(True))
-
-    # One request per (pair, kind): the user's categories are joined per pair, before the
-    # kinds multiply the rows.
-    kinds = F.array(
-        *[F.struct(F.lit(spec.kind).alias("neg_kind"), F.lit(spec.count).alias("need")) for spec in specs]
+    if catalog.n_items == 0:
+        return _as_negatives(positives.limit(0).select(*_empty_negative_columns()))
+    plan = _SamplePlan(
+        specs=tuple((spec.kind, spec.count) for spec in specs), seed=seed, hard_top_categories=hard_top_categories,
+        max_attempts=max_attempts, oversample=oversample, ranked_share=float(ranked_share), catalog=catalog,
     )
-    first_requests = draws.with_user_categories(positives).select(
-        "pair_id",
-        "user_idx",
-        F.col("item_idx").alias("positive_item"),
-        F.inline(kinds),
-        F.array().cast("array<int>").alias("taken"),
-        F.lit(0).cast("long").alias("offset"),
-        "categories",
-        "ranked",
+    no_position = F.lit(0).cast("int").alias("position")
+    rows = positives.select(F.lit(_ROLE_PAIR).cast("tinyint").alias("role"), "user_idx", "item_idx", "pair_id",
+                            no_position)
+    rows = rows.unionByName(user_items.select(
+        F.lit(_ROLE_USER_ITEM).cast("tinyint").alias("role"), "user_idx", "item_idx",
+        F.lit(0).cast("long").alias("pair_id"), no_position))
+    if ranked is not None and with_hard:
+        rows = rows.unionByName(ranked.select(
+            F.lit(_ROLE_RANKED).cast("tinyint").alias("role"), "user_idx", F.posexplode("items")).select(
+            "role", "user_idx", F.col("col").alias("item_idx"), F.lit(0).cast("long").alias("pair_id"),
+            F.col("pos").cast("int").alias("position")).where(F.col("item_idx").isNotNull()))
+    session = positives.sparkSession
+    n_buckets = _BUCKETS_PER_PARTITION * int(session.conf.get("spark.sql.shuffle.partitions"))
+    bucket = F.pmod(F.xxhash64(F.col("user_idx").cast("long")), F.lit(n_buckets)).alias("_tl_bucket")
+    sampled = (
+        rows.select(bucket, *[F.col(name) for name in ("role", "user_idx", "item_idx", "pair_id", "position")])
+        .groupBy("_tl_bucket")
+        .applyInArrow(partial(_sample_group, plan), _OUTPUT_DDL)
     )
-    first_round = _select_round(draws.candidates(first_requests, 0, 1), positive_flags)
-    negatives = _chosen_rows(first_round)
-    if max_attempts > 1:
-        got = F.col("offset") + F.size("chosen")
-        short = first_round.where(got < F.col("need")).select(
-            "pair_id", "user_idx", "positive_item", "neg_kind", "need",
-            F.concat("taken", "chosen").alias("taken"), got.alias("offset"),
-        )  # fmt: skip
-        retry_requests = draws.with_user_categories(short)
-        retry_round = _select_round(draws.candidates(retry_requests, 1, max_attempts), positive_flags)
-        negatives = negatives.union(_chosen_rows(retry_round))
-    return _as_negatives(negatives)
+    return _as_negatives(sampled)
 
 
 def negative_counts(negatives: DataFrame) -> dict[str, int]:
@@ -230,316 +236,303 @@ def negative_counts(negatives: DataFrame) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda entry: (order.get(entry[0], len(order)), entry[0])))
 
 
-# --- catalog lookup tables -----------------------------------------------------------------
-
-# Lookup spaces: which numbering a draw's slot refers to.
-_SPACE_CATALOG = 0  # slot = position of the item among all items by item_idx (group 0)
-_SPACE_POPULARITY = 1  # slot = guide-table bucket (group 0)
-_SPACE_CATEGORY = 2  # slot = position of the item within its category (group = category_idx)
+# --- the catalog, as arrays ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class _Catalog:
-    """Tables derived from ``items`` (and, for ``user_categories``, ``user_items``).
+    """The item catalog as sorted numpy arrays (one entry per item; shipped to the workers).
 
-    ``sizes``: at most one row: ``n_items``, ``n_weighted`` (items with popularity > 0);
-    none for an empty catalog, which then yields no negatives.
-    ``lookup``: catalog-sized (at most ``n_items + 2 * n_weighted + n_items`` rows), broadcast:
-    ``(lookup_space, lookup_group, lookup_slot)`` -> ``item_idx``, plus for the popularity
-    space the item's CDF interval ``[cdf_low, cdf_high)`` in bucket units (null elsewhere).
-    ``user_categories``: users-sized: ``user_idx`` -> ``categories``
-    array<struct<category_rank, category_idx, n_items>> sorted by rank, only users with at
-    least one preferred category.
+    ``items``: every item_idx, ascending (uniform draws index it). ``weighted`` / ``cdf``: the
+    items with popularity > 0, ascending, and the running sum of ``popularity ** 0.75`` (item
+    ``i`` owns ``[cdf[i-1], cdf[i])``). ``item_category``: category of ``items[i]``.
+    ``category_ids`` (ascending, 0 excluded), ``category_start`` / ``category_size``: the
+    items of category ``category_ids[c]`` are ``category_items[start:start + size]``,
+    ascending.
     """
 
-    sizes: DataFrame
-    lookup: DataFrame
-    user_categories: DataFrame
+    items: np.ndarray
+    item_category: np.ndarray
+    weighted: np.ndarray
+    cdf: np.ndarray
+    category_ids: np.ndarray
+    category_start: np.ndarray
+    category_size: np.ndarray
+    category_items: np.ndarray
 
+    @property
+    def n_items(self) -> int:
+        return int(self.items.size)
 
-def _build_catalog(items: DataFrame, user_items: DataFrame, hard_top_categories: int) -> _Catalog:
-    numbered = _number_items(items)
-    sizes = numbered.select("n_items", "n_weighted").limit(1)
-
-    null_double = F.lit(None).cast("double")
-    by_position = numbered.select(
-        F.lit(_SPACE_CATALOG).alias("lookup_space"),
-        F.lit(0).alias("lookup_group"),
-        F.col("position").alias("lookup_slot"),
-        "item_idx",
-        null_double.alias("cdf_low"),
-        null_double.alias("cdf_high"),
-    )
-    last_bucket = F.col("n_weighted") - 1
-    by_bucket = numbered.where(F.col("popularity") > 0).select(
-        F.lit(_SPACE_POPULARITY).alias("lookup_space"),
-        F.lit(0).alias("lookup_group"),
-        F.explode(
-            F.sequence(F.least(F.floor("cdf_low"), last_bucket), F.least(F.floor("cdf_high"), last_bucket))
-        ).alias("lookup_slot"),
-        "item_idx",
-        "cdf_low",
-        # Rounding can put a draw at n_weighted itself; the last interval takes it.
-        F.when(F.col("is_last_weighted"), F.lit(float("inf"))).otherwise(F.col("cdf_high")).alias("cdf_high"),
-    )
-    by_category = numbered.where(F.col("category_idx") != 0).select(
-        F.lit(_SPACE_CATEGORY).alias("lookup_space"),
-        F.col("category_idx").alias("lookup_group"),
-        F.col("category_position").alias("lookup_slot"),
-        "item_idx",
-        null_double.alias("cdf_low"),
-        null_double.alias("cdf_high"),
-    )
-    lookup = by_position.union(by_bucket).union(by_category)
-
-    item_categories = numbered.where(F.col("category_idx") != 0).select(
-        "item_idx", "category_idx", F.col("category_size").alias("n_items")
-    )
-    category_order = Window.partitionBy("user_idx").orderBy(F.desc("n_positives"), F.asc("category_idx"))
-    user_categories = (
-        user_items.join(F.broadcast(item_categories), "item_idx")
-        # One shuffle by user serves the count, the ranking window and the collect below.
-        .repartition("user_idx")
-        .groupBy("user_idx", "category_idx", "n_items")
-        .agg(F.count(F.lit(1)).alias("n_positives"))
-        .select("*", F.row_number().over(category_order).alias("category_rank"))
-        .where(F.col("category_rank") <= hard_top_categories)
-        .groupBy("user_idx")
-        # collect_list order depends on the shuffle; sorting by rank makes the array exact.
-        .agg(
-            F.array_sort(F.collect_list(F.struct("category_rank", "category_idx", "n_items"))).alias(
-                "categories"
-            )
+    @classmethod
+    def from_arrow(cls, table: pa.Table) -> _Catalog:
+        item = _ids(table, "item_idx", "items")
+        category = table.column("category_idx").fill_null(0).to_numpy().astype(np.int64)
+        popularity = table.column("popularity").fill_null(0).to_numpy().astype(np.int64)
+        order = np.argsort(item, kind="stable")
+        item, category, popularity = item[order], category[order], popularity[order]
+        if item.size and np.any(item[1:] == item[:-1]):
+            raise ValueError("sample_negatives items must have unique item_idx; deduplicate the catalog")
+        is_weighted = popularity > 0
+        known = category != 0
+        by_category = np.lexsort((item[known], category[known]))
+        category_items, sorted_categories = item[known][by_category], category[known][by_category]
+        category_ids, category_start, category_size = np.unique(
+            sorted_categories, return_index=True, return_counts=True)
+        return cls(
+            items=item, item_category=category, weighted=item[is_weighted],
+            cdf=np.cumsum(popularity[is_weighted].astype(np.float64) ** POPULARITY_EXPONENT),
+            category_ids=category_ids, category_start=category_start.astype(np.int64),
+            category_size=category_size.astype(np.int64), category_items=category_items,
         )
-    )
-    return _Catalog(sizes=sizes, lookup=lookup, user_categories=user_categories)
-
-
-def _number_items(items: DataFrame) -> DataFrame:
-    """``items`` with the numbering and popularity CDF every lookup is built from.
-
-    Adds ``position`` (0-based by item_idx), ``n_items``, ``category_position`` (0-based by
-    item_idx within the category), ``category_size``, ``n_weighted``, and for the popularity
-    guide table (Chen & Asau's indexed search) the interval ``[cdf_low, cdf_high)`` of the
-    CDF of ``popularity ** 0.75`` scaled to ``[0, n_weighted)``; zero-width for popularity 0.
-    ``cdf_low`` is exactly the previous item's ``cdf_high`` (``lag``, not a second sum), so
-    the intervals tile without float gaps, and ``floor`` of this monotone map is monotone, so
-    the item owning a draw ``y`` is listed under bucket ``floor(y)``.
-
-    A window without partitions moves the catalog to one task: fine for one row per item, and
-    it makes the numbering and the running sums a fixed sequential order, hence deterministic.
-    The per-category window reuses that single partition (no second shuffle).
-    """
-    by_item = Window.orderBy("item_idx")
-    running = by_item.rowsBetween(Window.unboundedPreceding, Window.currentRow)
-    whole = by_item.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
-    in_category = Window.partitionBy("category_idx").orderBy("item_idx")
-    is_weighted = F.col("popularity") > 0
-    weight = F.when(is_weighted, F.pow(F.col("popularity").cast("double"), POPULARITY_EXPONENT)).otherwise(
-        0.0
-    )
-    n_weighted = F.count(F.when(is_weighted, 1)).over(whole)
-    with_cdf = items.select(
-        "*",
-        (F.row_number().over(by_item) - 1).cast("long").alias("position"),
-        F.count(F.lit(1)).over(whole).alias("n_items"),
-        n_weighted.alias("n_weighted"),
-        (F.sum(weight).over(running) / F.sum(weight).over(whole) * n_weighted).alias("cdf_high"),
-        (is_weighted & (F.count(F.when(is_weighted, 1)).over(running) == n_weighted)).alias(
-            "is_last_weighted"
-        ),
-    )
-    return with_cdf.select(
-        "*",
-        F.lag("cdf_high", 1, 0.0).over(by_item).alias("cdf_low"),
-        (F.row_number().over(in_category) - 1).cast("long").alias("category_position"),
-        F.count(F.lit(1)).over(Window.partitionBy("category_idx")).alias("category_size"),
-    )
-
-
-# --- drawing candidates --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _DrawPlan:
+class _SamplePlan:
+    specs: tuple[tuple[str, int], ...]
     seed: int
+    hard_top_categories: int
+    max_attempts: int
     oversample: int
+    ranked_share: float
     catalog: _Catalog
-    with_hard: bool
-    ranked: DataFrame | None = None
-    ranked_share: float = DEFAULT_RANKED_SHARE
-
-    def with_user_categories(self, rows: DataFrame) -> DataFrame:
-        """``rows`` plus ``categories`` (empty for users without a preferred category) and
-        ``ranked`` (the user's release-ranked items; empty without).
-
-        Never null: Spark 4.0.5 compiled ``element_at`` over the left join's null arrays
-        without a null check (an NPE inside an inferred filter), so the gap is an empty array.
-        """
-        no_categories = F.array().cast(_CATEGORIES_TYPE)
-        no_ranked = F.array().cast("array<int>")
-        if not self.with_hard:
-            return rows.select("*", no_categories.alias("categories"), no_ranked.alias("ranked"))
-        joined = rows.join(self.catalog.user_categories, "user_idx", "left")
-        ranked = no_ranked
-        if self.ranked is not None:
-            joined = joined.join(self.ranked.withColumnRenamed("items", "ranked"), "user_idx", "left")
-            ranked = F.coalesce("ranked", no_ranked)
-        return joined.select(*rows.columns, F.coalesce("categories", no_categories).alias("categories"),
-                             ranked.alias("ranked"))
-
-    def candidates(self, requests: DataFrame, first_attempt: int, end_attempt: int) -> DataFrame:
-        """Candidates (``_CANDIDATE_COLUMNS``) of attempts ``[first_attempt, end_attempt)``.
-
-        ``requests`` has ``_REQUEST_COLUMNS``, ``categories`` and ``ranked``. Every kind turns a
-        draw into a lookup key, so all kinds share one explode and one broadcast join; a draw
-        from the ranked list already holds its item (``direct_item``) and matches no lookup row
-        (the join is a left join; a draw left with no item is dropped). ``draw_key =
-        attempt * draws_per_attempt + draw`` orders a (pair, kind)'s draws.
-        """
-        per_attempt = self._per_attempt
-        exploded = requests.crossJoin(F.broadcast(self.catalog.sizes)).select(
-            *_REQUEST_COLUMNS,
-            "categories",
-            "ranked",
-            "n_items",
-            "n_weighted",
-            F.explode(F.sequence(per_attempt * first_attempt, per_attempt * end_attempt - 1)).alias(
-                "draw_key"
-            ),
-        )
-        keyed = exploded.select(*_REQUEST_COLUMNS, "draw_key", *self._lookup_key)
-        point = F.col("cdf_point")
-        return (
-            keyed.join(F.broadcast(self.catalog.lookup), ["lookup_space", "lookup_group", "lookup_slot"], "left")
-            .where(point.isNull() | ((F.col("cdf_low") <= point) & (point < F.col("cdf_high"))))
-            .withColumn("item_idx", F.coalesce("direct_item", "item_idx"))
-            .where(F.col("item_idx").isNotNull())
-            .select(*_CANDIDATE_COLUMNS)
-        )
-
-    def _uniform(self, stream: str, per_attempt: Column) -> Column:
-        """double Column uniform in [0, 1): the top 53 bits of xxhash64(seed, stream, pair, attempt, draw).
-
-        All ids are cast to long: xxhash64 hashes an int and a long of one value differently.
-        """
-        draw_key = F.col("draw_key").cast("long")
-        hashed = F.xxhash64(
-            F.lit(self.seed).cast("long"),
-            F.lit(stream),
-            F.col("pair_id").cast("long"),
-            F.floor(draw_key / per_attempt).cast("long"),
-            F.pmod(draw_key, per_attempt).cast("long"),
-        )
-        return F.shiftrightunsigned(hashed, 11).cast("double") * (1.0 / 2**53)
-
-    @cached_property
-    def _per_attempt(self) -> Column:
-        """long Column: draws per attempt of a request, ``need * oversample``."""
-        return F.col("need").cast("long") * self.oversample
-
-    @cached_property
-    def _lookup_key(self) -> list[Column]:
-        """``lookup_space``, ``lookup_group``, ``lookup_slot``, ``cdf_point`` of one draw row.
-
-        random: a position among all items; popularity: a point of the scaled CDF and its
-        bucket; hard: either (probability ``ranked_share``, or always without categories) an
-        item of the user's ranked list as ``direct_item`` with a null key, or one of the user's
-        categories, then a position within it (null, so no candidate, for a user with neither).
-        """
-        per_attempt = self._per_attempt
-        kind = F.col("neg_kind")
-        n_items, n_weighted = F.col("n_items"), F.col("n_weighted")
-        position = F.least(F.floor(self._uniform("negatives:random", per_attempt) * n_items), n_items - 1)
-        point = self._uniform("negatives:popularity", per_attempt) * n_weighted
-        bucket = F.least(F.floor(point), n_weighted - 1)
-
-        n_categories = F.size("categories")
-        slot = F.least(
-            F.floor(self._uniform("negatives:hard_category", per_attempt) * n_categories), n_categories - 1
-        )
-        # get is 0-based and null out of bounds (slot -1 for no categories): no candidate.
-        category = F.get("categories", slot.cast("int"))
-        n_in_category = category["n_items"]
-        in_category = F.least(
-            F.floor(self._uniform("negatives:hard_item", per_attempt) * n_in_category), n_in_category - 1
-        )
-
-        n_ranked = F.size("ranked")
-        use_ranked = (kind == "hard") & (n_ranked > 0) & (
-            (n_categories == 0) | (self._uniform("negatives:hard_source", per_attempt) < F.lit(self.ranked_share)))
-        ranked_slot = F.least(
-            F.floor(self._uniform("negatives:hard_ranked", per_attempt) * n_ranked), n_ranked - 1
-        )
-
-        is_random, is_popularity = kind == "random", kind == "popularity"
-        return [
-            F.when(use_ranked, F.lit(None))
-            .when(is_random, _SPACE_CATALOG)
-            .when(is_popularity, _SPACE_POPULARITY)
-            .otherwise(_SPACE_CATEGORY)
-            .alias("lookup_space"),
-            F.when(is_random | is_popularity, 0)
-            .otherwise(category["category_idx"])
-            .cast("int")
-            .alias("lookup_group"),
-            F.when(is_random, position)
-            .when(is_popularity, bucket)
-            .otherwise(in_category)
-            .cast("long")
-            .alias("lookup_slot"),
-            F.when(is_popularity, point).alias("cdf_point"),
-            F.when(use_ranked, F.get("ranked", ranked_slot.cast("int"))).cast("int").alias("direct_item"),
-        ]
 
 
-# --- selecting negatives -------------------------------------------------------------------
+# --- counter-based uniforms ----------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_2 = np.uint64(0x94D049BB133111EB)
 
 
-def _select_round(candidates: DataFrame, positive_flags: DataFrame) -> DataFrame:
-    """One row per (pair, kind) that drew candidates: the request columns plus ``chosen``.
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, element-wise on uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * _MIX_1
+        x = (x ^ (x >> np.uint64(27))) * _MIX_2
+    return x ^ (x >> np.uint64(31))
 
-    ``chosen`` (array<int>, at most ``need - offset`` items) holds the first eligible distinct
-    items in ``draw_key`` order; eligible means not a positive of the user, not the pair's own
-    item and not taken by an earlier attempt. A pair whose every draw missed still gets a row
-    with an empty ``chosen`` (the flag join is a left join), so it is seen as short.
+
+def _uniforms(seed: int, stream: int, pair_ids: np.ndarray, attempt: int, n_draws: int) -> np.ndarray:
+    """(pairs, n_draws) float64 in [0, 1): the top 53 bits of a hash of (seed, stream,
+    pair_id, attempt, draw). A pure function of those five numbers."""
+    with np.errstate(over="ignore"):
+        key = _mix64(np.array([(seed * 0x9E3779B97F4A7C15 + stream) & _MASK64], dtype=np.uint64))
+        per_pair = _mix64(pair_ids.astype(np.uint64) ^ key)
+        counter = _mix64((np.uint64(attempt) << np.uint64(32)) + np.arange(n_draws, dtype=np.uint64) + _GOLDEN)
+        hashed = _mix64(per_pair[:, None] + counter[None, :])
+    return (hashed >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+
+
+def _index_of(u: np.ndarray, size: np.ndarray | int) -> np.ndarray:
+    """floor(u * size) clamped to size - 1 (int64; -1 where size is 0)."""
+    return np.minimum(np.floor(u * size).astype(np.int64), np.asarray(size, dtype=np.int64) - 1)
+
+
+# --- one group of users --------------------------------------------------------------------
+
+
+def _ids(table: pa.Table, column: str, what: str) -> np.ndarray:
+    values = table.column(column)
+    if values.null_count:
+        raise ValueError(f"sample_negatives {what} have a null {column}: positives, user_items and items must "
+                         "have no null ids")
+    return values.to_numpy().astype(np.int64)
+
+
+def _user_keys(users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """uint64 ``user << 32 | item`` (each as its 32-bit pattern): one sortable key per pair."""
+    return (users.astype(np.uint32).astype(np.uint64) << np.uint64(32)) | items.astype(np.uint32).astype(np.uint64)
+
+
+def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """bool array: which ``keys`` are in ``sorted_keys`` (ascending)."""
+    if sorted_keys.size == 0:
+        return np.zeros(keys.shape, dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
+    return sorted_keys[at] == keys
+
+
+def _member(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """bool array: which ``values`` are in ``sorted_values`` (ascending, non-empty)."""
+    at = np.minimum(np.searchsorted(sorted_values, values), sorted_values.size - 1)
+    return sorted_values[at] == values
+
+
+@dataclass(frozen=True)
+class _GroupUsers:
+    """Per-user state of one group, indexed by the position of the user in ``users``.
+
+    ``categories``: (users, top) int64, row ``u`` holds indices into the catalog's
+    category arrays of the user's preferred categories by rank (-1 padded), ``n_categories``
+    how many. ``ranked_items`` / ``ranked_start`` / ``ranked_size``: the user's ranked list.
     """
-    eligible = (
-        F.col("is_positive").isNull()
-        & (F.col("item_idx") != F.col("positive_item"))
-        & ~F.array_contains("taken", F.col("item_idx"))
-    )
-    flagged = candidates.join(positive_flags, ["user_idx", "item_idx"], "left").select(
-        *_REQUEST_COLUMNS,
-        # An ineligible draw keeps its row (so the pair is still seen) but no item.
-        F.struct("draw_key", F.when(eligible, F.col("item_idx")).alias("item_idx")).alias("draw"),
-    )
-    # collect_list order depends on the shuffle; sorting by draw_key (unique within the group)
-    # makes it exact. Only built-in array functions, no lambdas: sort_array orders structs by
-    # their first field natively (array_sort would compare through an interpreted lambda),
-    # draws.item_idx extracts the field from every element, array_compact drops the
-    # ineligible nulls and array_distinct keeps first occurrences in order.
-    in_draw_order = F.sort_array(F.collect_list("draw"))
-    eligible_items = F.array_compact(F.col("draws.item_idx"))
-    return (
-        flagged.groupBy(*_REQUEST_COLUMNS)
-        .agg(in_draw_order.alias("draws"))
-        .select(
-            *_REQUEST_COLUMNS,
-            F.slice(F.array_distinct(eligible_items), 1, (F.col("need") - F.col("offset")).cast("int")).alias(
-                "chosen"
-            ),
-        )
+
+    users: np.ndarray
+    positive_keys: np.ndarray
+    categories: np.ndarray
+    n_categories: np.ndarray
+    ranked_items: np.ndarray
+    ranked_start: np.ndarray
+    ranked_size: np.ndarray
+
+
+def _group_users(plan: _SamplePlan, users: np.ndarray, user_item_users: np.ndarray, user_item_items: np.ndarray,
+                 ranked_users: np.ndarray, ranked_items: np.ndarray, ranked_positions: np.ndarray) -> _GroupUsers:
+    catalog = plan.catalog
+    n_users, top = users.size, plan.hard_top_categories
+    # The group also holds rows of users without a pair here (their pairs were filtered
+    # out upstream): only the pairs' users matter.
+    mine = _member(users, user_item_users)
+    user_item_users, user_item_items = user_item_users[mine], user_item_items[mine]
+    mine = _member(users, ranked_users)
+    ranked_users, ranked_items, ranked_positions = ranked_users[mine], ranked_items[mine], ranked_positions[mine]
+    categories = np.full((n_users, top), -1, dtype=np.int64)
+    n_categories = np.zeros(n_users, dtype=np.int64)
+    if user_item_users.size and catalog.category_ids.size:
+        at = np.minimum(np.searchsorted(catalog.items, user_item_items), catalog.n_items - 1)
+        in_catalog = catalog.items[at] == user_item_items
+        category = np.where(in_catalog, catalog.item_category[at], 0)
+        known = category != 0
+        category_pos = np.searchsorted(catalog.category_ids, category[known])
+        user_pos = np.searchsorted(users, user_item_users[known])
+        # rows per (user, category): unique keys with counts
+        pairs, n_rows = np.unique(user_pos * catalog.category_ids.size + category_pos, return_counts=True)
+        pair_user, pair_category = pairs // catalog.category_ids.size, pairs % catalog.category_ids.size
+        # by user, most rows first, then category_idx ascending (category_pos is in id order)
+        order = np.lexsort((pair_category, -n_rows, pair_user))
+        pair_user, pair_category = pair_user[order], pair_category[order]
+        first = np.searchsorted(pair_user, pair_user, side="left")
+        rank = np.arange(pair_user.size) - first
+        keep = rank < top
+        categories[pair_user[keep], rank[keep]] = pair_category[keep]
+        np.add.at(n_categories, pair_user[keep], 1)
+    order = np.lexsort((ranked_positions, ranked_users))
+    ranked_users, ranked_items = ranked_users[order], ranked_items[order]
+    ranked_user_pos = np.searchsorted(users, ranked_users)
+    ranked_start = np.searchsorted(ranked_user_pos, np.arange(n_users), side="left")
+    ranked_size = np.searchsorted(ranked_user_pos, np.arange(n_users), side="right") - ranked_start
+    return _GroupUsers(
+        users=users, positive_keys=np.unique(_user_keys(user_item_users, user_item_items)),
+        categories=categories, n_categories=n_categories, ranked_items=ranked_items,
+        ranked_start=ranked_start, ranked_size=ranked_size,
     )
 
 
-def _chosen_rows(round_rows: DataFrame) -> DataFrame:
-    """One row per chosen negative, ``neg_rank`` continuing after the earlier attempts'."""
-    return round_rows.select(
-        "pair_id", "user_idx", "neg_kind", "offset", F.posexplode("chosen").alias("pos", "item_idx")
-    ).select(
-        "pair_id", "user_idx", "item_idx", "neg_kind", (F.col("offset") + F.col("pos")).alias("neg_rank")
-    )
+def _draw(plan: _SamplePlan, state: _GroupUsers, kind: str, pair_ids: np.ndarray, user_pos: np.ndarray,
+          attempt: int, n_draws: int) -> np.ndarray:
+    """(pairs, n_draws) int64 candidate items of one attempt; -1 where a draw has no item."""
+    catalog, seed = plan.catalog, plan.seed
+    if kind == "random":
+        u = _uniforms(seed, _STREAM_RANDOM, pair_ids, attempt, n_draws)
+        return catalog.items[_index_of(u, catalog.n_items)]
+    if kind == "popularity":
+        if catalog.weighted.size == 0:
+            return np.full((pair_ids.size, n_draws), -1, dtype=np.int64)
+        point = _uniforms(seed, _STREAM_POPULARITY, pair_ids, attempt, n_draws) * catalog.cdf[-1]
+        at = np.minimum(np.searchsorted(catalog.cdf, point, side="right"), catalog.weighted.size - 1)
+        return catalog.weighted[at]
+    # hard: the ranked list with probability ranked_share (always without categories), else
+    # a preferred category, then an item of it; nothing for a user with neither.
+    n_categories = state.n_categories[user_pos][:, None]
+    n_ranked = state.ranked_size[user_pos][:, None]
+    use_ranked = (n_ranked > 0) & (
+        (n_categories == 0)
+        | (_uniforms(seed, _STREAM_HARD_SOURCE, pair_ids, attempt, n_draws) < plan.ranked_share))
+    out = np.full((pair_ids.size, n_draws), -1, dtype=np.int64)
+    if state.ranked_items.size:
+        slot = _index_of(_uniforms(seed, _STREAM_HARD_RANKED, pair_ids, attempt, n_draws), n_ranked)
+        at = np.clip(state.ranked_start[user_pos][:, None] + slot, 0, state.ranked_items.size - 1)
+        out = np.where(use_ranked, state.ranked_items[at], out)
+    if catalog.category_ids.size:
+        rank = _index_of(_uniforms(seed, _STREAM_HARD_CATEGORY, pair_ids, attempt, n_draws), n_categories)
+        category = state.categories[user_pos[:, None], np.maximum(rank, 0)]
+        has_category = (n_categories > 0) & (category >= 0)
+        category = np.maximum(category, 0)
+        size = catalog.category_size[category]
+        within = _index_of(_uniforms(seed, _STREAM_HARD_ITEM, pair_ids, attempt, n_draws), size)
+        item = catalog.category_items[catalog.category_start[category] + np.maximum(within, 0)]
+        out = np.where(~use_ranked & has_category, item, out)
+    return out
+
+
+def _sample_kind(plan: _SamplePlan, state: _GroupUsers, kind: str, count: int, pair_ids: np.ndarray,
+                 user_pos: np.ndarray, positive_items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen (pairs, count) int64, -1 padded, in draw order; how many per pair)."""
+    n_pairs = pair_ids.size
+    chosen = np.full((n_pairs, count), -1, dtype=np.int64)
+    got = np.zeros(n_pairs, dtype=np.int64)
+    n_draws = count * plan.oversample
+    active = np.arange(n_pairs)
+    for attempt in range(plan.max_attempts):
+        if active.size == 0:
+            break
+        candidates = _draw(plan, state, kind, pair_ids[active], user_pos[active], attempt, n_draws)
+        users = state.users[user_pos[active]]
+        eligible = (candidates >= 0) & (candidates != positive_items[active][:, None])
+        eligible &= ~_contains(state.positive_keys, _user_keys(np.repeat(users, n_draws), candidates.ravel())
+                               ).reshape(candidates.shape)
+        row, draw = np.nonzero(eligible)
+        item = candidates[row, draw]
+        # What earlier attempts took joins as order -1, so a repeat of it is dropped below.
+        taken_row, taken_slot = np.nonzero(chosen[active] >= 0)
+        row = np.concatenate([taken_row, row])
+        item = np.concatenate([chosen[active][taken_row, taken_slot], item])
+        order = np.concatenate([np.full(taken_row.size, -1, dtype=np.int64), draw])
+        # first occurrence of each (row, item) in draw order
+        by_item = np.lexsort((order, item, row))
+        row, item, order = row[by_item], item[by_item], order[by_item]
+        first = np.ones(row.size, dtype=bool)
+        first[1:] = (row[1:] != row[:-1]) | (item[1:] != item[:-1])
+        new = first & (order >= 0)
+        row, item, order = row[new], item[new], order[new]
+        by_draw = np.lexsort((order, row))
+        row, item = row[by_draw], item[by_draw]
+        slot = np.arange(row.size) - np.searchsorted(row, row, side="left") + got[active][row]
+        fits = slot < count
+        pair = active[row[fits]]
+        chosen[pair, slot[fits]] = item[fits]
+        np.add.at(got, pair, 1)
+        active = active[got[active] < count]
+    return chosen, got
+
+
+def _sample_group(plan: _SamplePlan, table: pa.Table) -> pa.Table:
+    """Negatives (``_OUTPUT_DDL``) of one bucket of users: ``table`` has the rows of
+    ``_GROUPED_SCHEMA`` (plus the bucket) of every pair, user_items row and ranked entry of
+    its users."""
+    role = table.column("role").to_numpy()
+    user = _ids(table, "user_idx", "rows")
+    item = _ids(table, "item_idx", "rows")
+    is_pair, is_user_item, is_ranked = role == _ROLE_PAIR, role == _ROLE_USER_ITEM, role == _ROLE_RANKED
+    pair_ids, pair_users, pair_items = _ids(table, "pair_id", "positives")[is_pair], user[is_pair], item[is_pair]
+    by_pair = np.argsort(pair_ids, kind="stable")
+    pair_ids, pair_users, pair_items = pair_ids[by_pair], pair_users[by_pair], pair_items[by_pair]
+    if pair_ids.size == 0:
+        return _ARROW_OUTPUT.empty_table()
+    users = np.unique(pair_users)
+    state = _group_users(plan, users, user[is_user_item], item[is_user_item], user[is_ranked], item[is_ranked],
+                         table.column("position").to_numpy()[is_ranked])
+    user_pos = np.searchsorted(users, pair_users)
+    pieces = []
+    for low in range(0, pair_ids.size, _PAIRS_PER_SLICE):
+        part = slice(low, low + _PAIRS_PER_SLICE)
+        for kind, count in plan.specs:
+            chosen, got = _sample_kind(plan, state, kind, count, pair_ids[part], user_pos[part], pair_items[part])
+            row, rank = np.nonzero(np.arange(count)[None, :] < got[:, None])
+            pieces.append(pa.table({
+                "pair_id": pa.array(pair_ids[part][row], pa.int64()),
+                "user_idx": pa.array(pair_users[part][row].astype(np.int32), pa.int32()),
+                "item_idx": pa.array(chosen[row, rank].astype(np.int32), pa.int32()),
+                "neg_kind": pa.repeat(pa.scalar(kind, pa.string()), row.size),
+                "neg_rank": pa.array(rank.astype(np.int32), pa.int32()),
+            }))
+    return pa.concat_tables(pieces)
+
+
+_ARROW_OUTPUT = pa.schema([("pair_id", pa.int64()), ("user_idx", pa.int32()), ("item_idx", pa.int32()),
+                           ("neg_kind", pa.string()), ("neg_rank", pa.int32())])
 
 
 # --- validation and schema -----------------------------------------------------------------

@@ -37,26 +37,37 @@ def with_history(events: DataFrame, history_length: int, max_ties: int) -> DataF
     """Adds ``hist`` (N most recent earlier items, most recent first, 0-padded), ``hist_len``
     and ``prior_events`` to every event of ``events`` (user_idx, item_idx, event_ts, ...).
 
-    The frame looks back N + max_ties - 1 rows, so even when same-time events precede this
-    one in the tie order, at least N strictly-earlier events are in reach. Cost is
+    One ordered pass per user: a single window sort by ``(event_ts, item_idx)`` yields the
+    event's position ``p``, ``prior_events`` (how many events are strictly earlier) and the
+    items of the ``N + max_ties - 1`` rows before it. The last ``p - prior_events`` of those
+    share this event's timestamp, so dropping them leaves only strictly-earlier items (at
+    least N of them in reach, even behind a run of same-time events); the last N of the rest,
+    reversed, are the history. Only plain array functions (no lambdas, no per-element struct),
+    and the window list is computed once and referenced by column. Cost is
     O(events x (N + max_ties)), independent of how many events a user has.
     """
     n = history_length
     lookback = n + max(max_ties, 1) - 1
     by_user = Window.partitionBy("user_idx").orderBy("event_ts", "item_idx")
-    frame = by_user.rowsBetween(-lookback, -1)
-    recent = F.collect_list(F.struct(F.col("event_ts").alias("ts"), F.col("item_idx").alias("item"))).over(frame)
-    earlier = F.filter(recent, lambda e: e["ts"] < F.col("event_ts"))
-    last_n = F.slice(earlier, F.greatest(F.size(earlier) - F.lit(n) + 1, F.lit(1)), n)
-    items = F.reverse(F.transform(last_n, lambda e: e["item"]))
-    padded = F.concat(items, F.array_repeat(F.lit(0), F.lit(n) - F.size(items)))
+    recent = F.collect_list("item_idx").over(by_user.rowsBetween(-lookback, -1))
     prior = F.rank().over(Window.partitionBy("user_idx").orderBy("event_ts")) - 1
-    return (
-        events.withColumn("_tl_recent", recent)
-        .withColumn("hist", padded.cast("array<int>"))
-        .withColumn("hist_len", F.size(items).cast("int"))
-        .withColumn("prior_events", prior.cast("long"))
-        .drop("_tl_recent")
+    with_window = events.select(
+        "*",
+        recent.alias("_tl_recent"),
+        (F.row_number().over(by_user) - 1).alias("_tl_position"),
+        prior.cast("long").alias("prior_events"),
+    )
+    # Strictly-earlier items at the front of _tl_recent (never negative: see the docstring).
+    earlier = F.size("_tl_recent") - (F.col("_tl_position") - F.col("prior_events")).cast("int")
+    hist_len = F.least(earlier, F.lit(n))
+    items = F.reverse(F.slice("_tl_recent", earlier - hist_len + 1, hist_len))
+    padded = F.concat(items, F.array_repeat(F.lit(0), F.lit(n) - hist_len))
+    columns = [c for c in with_window.columns if c not in ("_tl_recent", "_tl_position", "prior_events")]
+    return with_window.select(
+        *columns,
+        padded.cast("array<int>").alias("hist"),
+        hist_len.cast("int").alias("hist_len"),
+        "prior_events",
     )
 
 

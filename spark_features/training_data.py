@@ -208,6 +208,7 @@ def build_training_data(
             listed = ranked.select("user_idx", F.explode("items").alias("item_idx"))
             negative_mix.setdefault("all", {})["hard in release list"] = (
                 negatives.where(F.col("neg_kind") == "hard").join(listed, ["user_idx", "item_idx"], "left_semi").count())
+        done("negatives", f"{sum(sum(m.values()) for m in negative_mix.values()):,} rows")
     base = attach_negatives(base, negatives).persist(StorageLevel.MEMORY_AND_DISK)
     holdout = positives.where(F.col("split") != "train").select("pair_id", "user_idx", "event_ts")
     seen = seen_before(holdout, events).persist(StorageLevel.MEMORY_AND_DISK)  # valid and test both use it
@@ -232,10 +233,11 @@ def build_training_data(
     for name, handle in staged:
         written[name] = handle if isinstance(handle, WriteResult) else io.commit_staged(handle)
     done("committed")
-    for frame in (events, positives, user_features, item_features, base, seen, *([negatives] if negatives is not None else [])):
-        frame.unpersist()
+    # Counted while positives are still cached (after the unpersist it would re-read bronze).
     holdout_users = positives.where(F.col("split") == "test").select("user_idx").distinct().count() \
         if config.split == "leave-last-out" else 0
+    for frame in (events, positives, user_features, item_features, base, seen, *([negatives] if negatives is not None else [])):
+        frame.unpersist()
     return BuildReport(
         bronze_versions=versions, vocabs=vocabs, written=written, pair_counts=split_counts,
         holdout_users=holdout_users, negative_mix=negative_mix, as_of=as_of, stage_seconds=timings,
@@ -258,14 +260,14 @@ def attach_negatives(pairs: DataFrame, negatives: DataFrame | None) -> DataFrame
     if negatives is None:
         return pairs.withColumn("neg_item_idx", F.array().cast("array<int>")).withColumn(
             "neg_kind", F.array().cast("array<string>"))
+    # sort_array orders the structs field by field natively (array_sort and transform would
+    # run an interpreted lambda per element); _tl_negs.item_idx extracts one field of each.
     grouped = negatives.groupBy("pair_id").agg(
-        F.array_sort(F.collect_list(F.struct("neg_kind", "neg_rank", "item_idx"))).alias("_tl_negs"))
+        F.sort_array(F.collect_list(F.struct("neg_kind", "neg_rank", "item_idx"))).alias("_tl_negs"))
     return pairs.join(grouped, "pair_id", "left").select(
         "*",
-        F.coalesce(F.transform("_tl_negs", lambda s: s["item_idx"]), F.array().cast("array<int>"))
-        .cast("array<int>").alias("neg_item_idx"),
-        F.coalesce(F.transform("_tl_negs", lambda s: s["neg_kind"]), F.array().cast("array<string>"))
-        .alias("neg_kind"),
+        F.coalesce(F.col("_tl_negs.item_idx"), F.array().cast("array<int>")).cast("array<int>").alias("neg_item_idx"),
+        F.coalesce(F.col("_tl_negs.neg_kind"), F.array().cast("array<string>")).alias("neg_kind"),
     ).drop("_tl_negs")
 
 
