@@ -8,8 +8,8 @@ as JSON, the batch it came from and the run id; valid rows land in ``bronze/<tab
 Reasons (checked in this order; a row gets the first that applies):
 
 interactions: malformed_row, missing_user_id, missing_item_id, missing_timestamp,
-unparseable_timestamp, timestamp_out_of_range, missing_rating, unparseable_rating,
-rating_out_of_range, unknown_user, unknown_item, duplicate_event
+unparseable_timestamp, timestamp_out_of_range, outside_window, missing_rating,
+unparseable_rating, rating_out_of_range, unknown_user, unknown_item, duplicate_event
 users / items: malformed_row, missing_id, duplicate_row, conflicting_duplicate_id
 
 An unparseable attribute (``unparseable_numeric``: a users/items numeric column that is not a
@@ -21,6 +21,23 @@ Only quarantined rows count toward ``--max-bad-fraction``.
 copy is kept, the repeats are quarantined. ``conflicting_duplicate_id`` is an id that appears
 with different attributes: no copy can be trusted, so all of them are quarantined (and
 interactions that reference the id then become ``unknown_*``).
+
+What a load replaces (never more than it was asked to):
+
+* ``bronze/interactions`` (partitioned by ``event_date``, the UTC date of ``event_ts``): only
+  the window of the load. ``only_hour`` H: exactly the events with ``event_ts`` in
+  [H, H+1h); the rest of that day's partition is carried over unchanged. ``only_date`` D:
+  exactly UTC day D. Neither: every UTC date that has an event with a usable timestamp in
+  the load. Rows of the file outside an ``only_hour``/``only_date`` window are quarantined
+  as ``outside_window`` (they count toward ``--max-bad-fraction``: a file mostly outside
+  its window means the wrong flag) and are ingested by the run of their own window.
+* ``bronze/users`` / ``bronze/items``: upserted by id: new ids added, ids whose attributes
+  changed replaced, ids absent from the load kept. The load must have the table's columns.
+* ``replace_all``: each table present in the load is replaced as a whole (the only mode
+  that removes rows outside the load's window/ids); the report counts what it removed.
+
+A re-run of the same load is idempotent: when the window's rows (or the upserted rows)
+equal what the table already holds, nothing is written and no new version is made.
 
 Atomicity across tables: every table's files are staged first and committed last, so a
 failure while reading, validating or writing leaves every table as it was; the commits are
@@ -34,7 +51,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -42,9 +59,10 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
-from lake_contract.errors import BadInputError
+from lake_contract.delta_snapshot import table_exists
+from lake_contract.errors import BadInputError, SchemaMismatchError
 from lake_contract.lake import BRONZE_TABLES, Lake, quarantine_table
-from spark_features.delta_io import DeltaLakeIO, WriteResult
+from spark_features.delta_io import DeltaLakeIO, WriteResult, check_schema_compatible
 from spark_features.sources import EntitySpec, InteractionsSpec, SourceSpec
 
 log = logging.getLogger(__name__)
@@ -77,9 +95,11 @@ QUARANTINE_PARTITION = ["batch"]
 
 INTERACTION_REASONS = (
     "malformed_row", "missing_user_id", "missing_item_id", "missing_timestamp", "unparseable_timestamp",
-    "timestamp_out_of_range", "missing_rating", "unparseable_rating", "rating_out_of_range",
+    "timestamp_out_of_range", "outside_window", "missing_rating", "unparseable_rating", "rating_out_of_range",
     "unknown_user", "unknown_item", "duplicate_event",
 )
+# A row with one of these has no usable event time, so it names no date of the load.
+NO_EVENT_TIME = ("malformed_row", "missing_timestamp", "unparseable_timestamp", "timestamp_out_of_range")
 ENTITY_REASONS = ("malformed_row", "missing_id", "duplicate_row", "conflicting_duplicate_id")
 ENTITY_REPAIRS = ("unparseable_numeric",)
 
@@ -98,15 +118,38 @@ class IngestOptions:
     """Knobs of one ingest run (the job parses them; see ``jobs/ingest.py --help``)."""
 
     batch: str  # names this load; quarantine rows of a re-run of the same batch replace the old ones
-    only_date: date | None = None  # ingest only events of this UTC date, replacing that partition
+    only_date: date | None = None  # the load is exactly this UTC day: it replaces that day's events
+    only_hour: datetime | None = None  # the load is exactly this UTC hour (naive = UTC): replaces that hour
+    replace_all: bool = False  # replace every table of the load as a whole (removes what the load lacks)
     max_bad_fraction: float = 0.01
     run_id: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8])
 
     def __post_init__(self) -> None:
+        chosen = [name for name, on in (("only_date", self.only_date is not None),
+                                        ("only_hour", self.only_hour is not None),
+                                        ("replace_all", self.replace_all)) if on]
+        if len(chosen) > 1:
+            raise ValueError(f"only_date, only_hour and replace_all exclude each other, got {chosen}")
+        if self.only_hour is not None:
+            hour = self.only_hour if self.only_hour.tzinfo else self.only_hour.replace(tzinfo=UTC)
+            hour = hour.astimezone(UTC)
+            if (hour.minute, hour.second, hour.microsecond) != (0, 0, 0):
+                raise ValueError(f"only_hour must be the start of an hour (YYYY-MM-DDTHH), got {self.only_hour!r}")
+            object.__setattr__(self, "only_hour", hour)
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be within [0, 1], got {self.max_bad_fraction!r}")
         if not self.batch or any(ch in self.batch for ch in "/:%#?\\"):
             raise ValueError(f"batch must be a non-empty name without / : % # ? \\, got {self.batch!r}")
+
+    @property
+    def window(self) -> tuple[datetime, datetime, str] | None:
+        """[start, end) in UTC and its name (``--hour 2026-12-01T10``), or None (no fixed window)."""
+        if self.only_hour is not None:
+            return self.only_hour, self.only_hour + timedelta(hours=1), f"--hour {self.only_hour:%Y-%m-%dT%H}"
+        if self.only_date is not None:
+            start = datetime(self.only_date.year, self.only_date.month, self.only_date.day, tzinfo=UTC)
+            return start, start + timedelta(days=1), f"--date {self.only_date.isoformat()}"
+        return None
 
 
 @dataclass
@@ -116,8 +159,10 @@ class TableReport:
     valid: int
     bad_by_reason: dict[str, int]
     repaired_by_reason: dict[str, int] = field(default_factory=dict)
-    outside_date: int = 0
-    written: WriteResult | None = None
+    outside_window: int = 0  # rows quarantined as outside_window
+    written: WriteResult | None = None  # None: nothing written (unchanged, or not in this load)
+    action: str = ""  # what the write did to the table, for people: "upserted 1 new id, ...", "unchanged"
+    removed_rows: int = 0  # rows of the table this load removed or replaced
 
     @property
     def bad(self) -> int:
@@ -240,11 +285,13 @@ def validate_interactions(
     spec: InteractionsSpec,
     known_user_ids: DataFrame | None = None,
     known_item_ids: DataFrame | None = None,
+    window: tuple[datetime, datetime, str] | None = None,
 ) -> DataFrame:
     """Add ``_tl_reason`` (null when the row is valid) and ``_tl_detail``.
 
     ``known_*_ids`` are one-column DataFrames (``id``) of valid ids; when given, interactions
-    referencing other ids are quarantined as unknown.
+    referencing other ids are quarantined as unknown. ``window`` ([start, end) UTC, name):
+    events outside it are quarantined as ``outside_window``.
     """
     ts_min = datetime.combine(spec.timestamp_min, datetime.min.time())
     ts_max = datetime.combine(spec.timestamp_max, datetime.min.time())
@@ -258,6 +305,10 @@ def validate_interactions(
         ((F.col("_p_event_ts") < F.lit(ts_min)) | (F.col("_p_event_ts") >= F.lit(ts_max)),
          "timestamp_out_of_range", F.col("_p_event_ts").cast("string")),
     ]
+    if window is not None:
+        start, end, name = window
+        checks.append(((F.col("_p_event_ts") < F.lit(start)) | (F.col("_p_event_ts") >= F.lit(end)),
+                       "outside_window", F.concat(F.col("_p_event_ts").cast("string"), F.lit(f" is outside {name}"))))
     if spec.rating:
         checks += [
             (F.col("_p_rating_raw").isNull(), "missing_rating", None),
@@ -429,6 +480,17 @@ def to_quarantine(validated: DataFrame, raw_columns: list[str], source: str, opt
 
 
 # ------------------------------------------------------------------- the job
+@dataclass
+class _Write:
+    """One bronze table's planned write: ``staged`` (overwrite / window replace, committed
+    last), ``upsert`` (changed rows MERGEd by id), or neither (unchanged)."""
+
+    table: str
+    frame: DataFrame | None = None
+    replace_where: dict | None = None
+    upsert_key: str | None = None
+
+
 def ingest(
     spark: SparkSession,
     io: DeltaLakeIO,
@@ -438,15 +500,17 @@ def ingest(
     options: IngestOptions,
     say: Callable[[str], None] = print,
 ) -> IngestReport:
-    """Validate ``raw`` against ``spec`` and write bronze + quarantine tables.
+    """Validate ``raw`` against ``spec`` and write bronze + quarantine tables (what each
+    table's write replaces: the module docstring).
 
     Fails with ``BadInputError`` (after writing the quarantine rows, so they can be
     inspected, and before touching any bronze table) when a table's bad fraction exceeds
-    ``options.max_bad_fraction``.
+    ``options.max_bad_fraction``; with ``SchemaMismatchError`` (before writing anything) when
+    a users/items load lacks or adds columns of the bronze table it would be upserted into.
     """
     timings: dict[str, float] = {}
     reports: list[TableReport] = []
-    staged: list[tuple[str, object]] = []  # (bronze table, staged write) committed at the end
+    writes: list[_Write] = []
     quarantined: list[tuple[str, DataFrame]] = []
     cached: list[DataFrame] = []
 
@@ -462,27 +526,33 @@ def ingest(
 
         return _Timer()
 
+    def keep(frame: DataFrame) -> DataFrame:
+        cached.append(frame.persist(StorageLevel.MEMORY_AND_DISK))
+        return cached[-1]
+
     try:
         known_users = known_items = None
         for entity_spec, frame in ((spec.users, raw.users), (spec.items, raw.items)):
             if entity_spec is None or frame is None:
                 continue
             with stage(f"validate {entity_spec.table}"):
-                validated = validate_entity(parse_entity(frame, entity_spec), entity_spec).persist(
-                    StorageLevel.MEMORY_AND_DISK)
-                cached.append(validated)
+                validated = keep(validate_entity(parse_entity(frame, entity_spec), entity_spec))
                 report = _count(validated, entity_spec.table)
                 reports.append(report)
                 say(_describe(report))
             bronze = to_bronze_entity(validated, entity_spec)
+            existing = None if options.replace_all else _existing(io, lake, entity_spec.table)
             ids = bronze.select(entity_spec.id_column)
+            if existing is not None:  # an upsert keeps the ids the load lacks: they stay known
+                ids = ids.unionByName(existing.select(entity_spec.id_column))
             if entity_spec.table == "users":
                 known_users = ids
             else:
                 known_items = ids
             quarantined.append((entity_spec.table, to_quarantine(validated, frame.columns, spec.name, options)))
-            # Dimension tables are small: one file per million rows keeps readers quick.
-            staged.append((entity_spec.table, ("overwrite", bronze.coalesce(max(1, report.valid // 1_000_000)), None)))
+            with stage(f"plan {entity_spec.table}"):
+                writes.append(_plan_entity(io, lake, entity_spec, bronze, report, options, keep))
+                say(f"    plan bronze/{entity_spec.table}: {report.action}")
 
         # With no users/items in this load, the lake's current bronze tables are the reference.
         if known_users is None:
@@ -492,30 +562,20 @@ def ingest(
 
         with stage("validate interactions"):
             parsed = parse_interactions(raw.interactions, spec.interactions)
-            validated = validate_interactions(parsed, spec.interactions, known_users, known_items)
-            outside = 0
-            if options.only_date is not None:
-                in_scope = F.col("_p_event_ts").isNull() | (F.to_date("_p_event_ts") == F.lit(options.only_date))
-                validated = validated.withColumn("_tl_in_scope", in_scope)
-            validated = validated.persist(StorageLevel.MEMORY_AND_DISK)
-            cached.append(validated)
-            if options.only_date is not None:
-                outside = validated.filter(~F.col("_tl_in_scope")).count()
-                validated = validated.filter(F.col("_tl_in_scope")).drop("_tl_in_scope")
+            validated = keep(validate_interactions(parsed, spec.interactions, known_users, known_items,
+                                                   options.window))
             report = _count(validated, "interactions")
-            report.outside_date = outside
+            report.outside_window = report.bad_by_reason.get("outside_window", 0)
             reports.append(report)
             say(_describe(report))
-            if outside:
-                say(f"    note: {outside:,} events fall outside --date {options.only_date} and were not "
-                    "ingested by this run (ingest their dates with their own runs)")
+            if report.outside_window:
+                say(f"    note: {report.outside_window:,} events fall outside {options.window[2]}: quarantined as "
+                    "outside_window (ingest them with the run of their own hour/date)")
         raw_cols = [c for c in raw.interactions.columns]
         quarantined.append(("interactions", to_quarantine(validated, raw_cols, spec.name, options)))
-        replace = {"event_date": [options.only_date]} if options.only_date else None
-        # One task per event date, so each date partition gets one file (split at
-        # maxRecordsPerFile) instead of one per shuffle partition.
-        bronze_events = to_bronze_interactions(validated).repartition("event_date")
-        staged.append(("interactions", ("overwrite", bronze_events, replace)))
+        with stage("plan interactions"):
+            writes.append(_plan_interactions(io, lake, validated, report, options, keep))
+            say(f"    plan bronze/interactions: {report.action}")
 
         # Quarantine rows are written even when the job then fails, so a person can inspect them.
         quarantine_results = []
@@ -538,12 +598,18 @@ def ingest(
 
         with stage("write bronze"):
             pending = []
-            for table, (mode, frame, replace_where) in staged:
-                partition_by = INTERACTIONS_PARTITION if table == "interactions" else None
-                pending.append((table, io.stage_write(
-                    frame, lake.table(BRONZE_TABLES[table]), mode=mode, partition_by=partition_by,
-                    replace_where=replace_where, overwrite_schema=replace_where is None,
+            for write in writes:
+                if write.frame is None or write.upsert_key is not None:
+                    continue
+                partition_by = INTERACTIONS_PARTITION if write.table == "interactions" else None
+                pending.append((write.table, io.stage_write(
+                    write.frame, lake.table(BRONZE_TABLES[write.table]), mode="overwrite", partition_by=partition_by,
+                    replace_where=write.replace_where, overwrite_schema=write.replace_where is None,
                 )))
+            for write in writes:  # an upsert commits as it writes: after every staged file is written
+                if write.frame is not None and write.upsert_key is not None:
+                    result = io.upsert(write.frame, lake.table(BRONZE_TABLES[write.table]), [write.upsert_key])
+                    next(r for r in reports if r.table == write.table).written = result
             for table, handle in pending:
                 result = handle if isinstance(handle, WriteResult) else io.commit_staged(handle)
                 next(r for r in reports if r.table == table).written = result
@@ -553,14 +619,113 @@ def ingest(
             frame.unpersist()
 
 
-def _existing_ids(io: DeltaLakeIO, lake: Lake, table: str, column: str) -> DataFrame | None:
-    from lake_contract.delta_snapshot import table_exists
+def _plan_entity(io: DeltaLakeIO, lake: Lake, spec: EntitySpec, bronze: DataFrame, report: TableReport,
+                 options: IngestOptions, keep: Callable[[DataFrame], DataFrame]) -> _Write:
+    """Upsert by id (only new or changed rows are written; none: nothing), or with
+    ``replace_all`` (or no table yet) the whole table; fills ``report.action``/``removed_rows``."""
+    id_col = spec.id_column
+    # Dimension tables are small: one file per million rows keeps readers quick.
+    whole = bronze.coalesce(max(1, report.valid // 1_000_000))
+    existing = _existing(io, lake, spec.table)
+    if existing is None:
+        report.action = f"created with {report.valid:,} ids"
+        return _Write(spec.table, whole)
+    if options.replace_all:
+        report.removed_rows = existing.join(bronze.select(id_col), id_col, "left_anti").count()
+        report.action = (f"--replace-all: replaced as a whole ({existing.count():,} rows before); removed "
+                         f"{report.removed_rows:,} ids absent from this load")
+        return _Write(spec.table, whole)
+    uri = lake.table(BRONZE_TABLES[spec.table])
+    try:
+        check_schema_compatible(existing.schema, bronze.schema, uri)
+    except SchemaMismatchError as err:
+        raise SchemaMismatchError(
+            f"bronze/{spec.table} cannot be upserted with this load: {str(err).split(': ', 1)[1].split('. Fix')[0]}. "
+            f"Map the same columns, or re-run with --replace-all to replace bronze/{spec.table} as a whole "
+            f"(that removes every id absent from this load)") from err
+    # Rows new or different from the table's (ids are unique on both sides after validation).
+    changed = keep(bronze.select(*existing.columns).exceptAll(existing))
+    n_changed = changed.count()
+    added = changed.join(existing.select(id_col), id_col, "left_anti").count() if n_changed else 0
+    replaced = n_changed - added
+    report.removed_rows = replaced
+    unchanged = report.valid - n_changed
+    kept = existing.count() - replaced
+    if n_changed == 0:
+        report.action = f"unchanged: all {report.valid:,} ids of the load are already there as loaded; nothing written"
+        return _Write(spec.table)
+    report.action = (f"upserted by {id_col}: {added:,} new, {replaced:,} changed replaced, {unchanged:,} identical; "
+                     f"{kept - unchanged:,} ids absent from the load kept")
+    return _Write(spec.table, changed.coalesce(1), upsert_key=id_col)
 
+
+def _plan_interactions(io: DeltaLakeIO, lake: Lake, validated: DataFrame, report: TableReport,
+                       options: IngestOptions, keep: Callable[[DataFrame], DataFrame]) -> _Write:
+    """Replace the load's window of ``bronze/interactions`` (module docstring), or nothing when
+    the window already holds exactly these rows; fills ``report.action``/``removed_rows``."""
+    uri = lake.table(BRONZE_TABLES["interactions"])
+    events = to_bronze_interactions(validated)
+    existing = io.read_table(uri) if table_exists(uri) else None
+    if options.replace_all:
+        if existing is not None:
+            report.removed_rows = existing.count()
+            dates = existing.agg(F.min("event_date"), F.max("event_date"), F.countDistinct("event_date")).first()
+            report.action = (f"--replace-all: removed all {report.removed_rows:,} rows of {dates[2]:,} dates "
+                             f"({dates[0]}..{dates[1]}), wrote this load's")
+        else:
+            report.action = "created"
+        return _Write("interactions", events.repartition("event_date"))
+    if options.window is not None:
+        dates = [options.window[0].date()]
+    else:
+        has_time = F.col("_p_event_ts").isNotNull() & (F.col(REASON).isNull() | ~F.col(REASON).isin(*NO_EVENT_TIME))
+        dates = sorted(r[0] for r in validated.where(has_time).select(F.to_date("_p_event_ts")).distinct().collect())
+        if not dates:
+            report.action = "unchanged: the load has no event with a usable time, so it names no date"
+            return _Write("interactions")
+    scope = options.window[2] if options.window is not None else _describe_dates(dates)
+    if existing is None:
+        report.action = f"created ({scope})"
+        return _Write("interactions", events.repartition("event_date"), {"event_date": dates})
+    before = keep(existing.where(F.col("event_date").isin(*dates)))
+    content = events
+    if options.only_hour is not None:
+        start, end, _ = options.window
+        in_hour = (F.col("event_ts") >= F.lit(start)) & (F.col("event_ts") < F.lit(end))
+        report.removed_rows = before.where(in_hour).count()
+        content = before.where(~in_hour).unionByName(events)  # the rest of the day, carried over as it is
+    else:
+        report.removed_rows = before.count()
+    content = keep(content.repartition("event_date"))
+    if _same_rows(before, content):
+        report.action = f"unchanged: {scope} already holds exactly these {report.valid:,} events; nothing written"
+        return _Write("interactions")
+    report.action = f"replaced {scope}: {report.removed_rows:,} old rows out, {report.valid:,} in; nothing else changed"
+    return _Write("interactions", content, {"event_date": dates})
+
+
+def _same_rows(before: DataFrame, after: DataFrame) -> bool:
+    """True when both hold the same rows with the same multiplicities (after ⊆ before and
+    equal counts means equal multisets)."""
+    if before.count() != after.count():
+        return False
+    return after.exceptAll(before.select(*after.columns)).limit(1).count() == 0
+
+
+def _describe_dates(dates: list[date]) -> str:
+    if len(dates) == 1:
+        return f"date {dates[0].isoformat()}"
+    return f"{len(dates)} dates {dates[0].isoformat()}..{dates[-1].isoformat()}"
+
+
+def _existing(io: DeltaLakeIO, lake: Lake, table: str) -> DataFrame | None:
     uri = lake.table(BRONZE_TABLES[table])
-    if not table_exists(uri):
-        return None
-    return io.read_table(uri).select(column)
+    return io.read_table(uri) if table_exists(uri) else None
 
+
+def _existing_ids(io: DeltaLakeIO, lake: Lake, table: str, column: str) -> DataFrame | None:
+    existing = _existing(io, lake, table)
+    return None if existing is None else existing.select(column)
 
 def _count(validated: DataFrame, table: str) -> TableReport:
     repair = F.col(REPAIR) if REPAIR in validated.columns else F.lit(None).cast("string")

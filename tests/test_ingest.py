@@ -55,12 +55,13 @@ def _spec(tmp_path: Path, event_lines: list[str], user_lines=None, item_lines=No
     )
 
 
-def _run(spark, lake_root, spec, batch="b1", only_date=None, max_bad=1.0):
+def _run(spark, lake_root, spec, batch="b1", only_date=None, max_bad=1.0, only_hour=None, replace_all=False):
     from lake_contract.lake import Lake
     from spark_features.delta_io import DeltaLakeIO
     from spark_features.ingest import IngestOptions, ingest, read_source
 
-    options = IngestOptions(batch=batch, only_date=only_date, max_bad_fraction=max_bad, run_id="run-test")
+    options = IngestOptions(batch=batch, only_date=only_date, only_hour=only_hour, replace_all=replace_all,
+                            max_bad_fraction=max_bad, run_id="run-test")
     return ingest(spark, DeltaLakeIO(spark), Lake(str(lake_root)), read_source(spark, spec), spec, options,
                   say=lambda _line: None)
 
@@ -168,16 +169,221 @@ def test_rerunning_the_same_batch_replaces_instead_of_duplicating(spark, tmp_pat
 
 
 @pytest.mark.spark
-def test_only_date_replaces_that_partition_and_reports_the_rest(spark, tmp_path, lake_root):
+def test_only_date_replaces_that_partition_and_quarantines_the_rest(spark, tmp_path, lake_root):
     spec = _spec(tmp_path, ["u1,i1,1767225600,5", "u2,i1,1767312000,3"])
     _run(spark, lake_root, spec)
     newer = tmp_path / "day2"
     newer.mkdir()
     spec2 = _spec(newer, ["u2,i2,1767315600,2", "u1,i2,1767225700,1"])  # one on day 2, one on day 1
     report = _run(spark, lake_root, spec2, batch="day2", only_date=dt.date(2026, 1, 2))
-    assert next(t for t in report.tables if t.table == "interactions").outside_date == 1
+    assert next(t for t in report.tables if t.table == "interactions").outside_window == 1
     rows = sorted((r["user_id"], r["item_id"], r["event_date"]) for r in _table(lake_root, "bronze/interactions"))
     assert rows == [("u1", "i1", dt.date(2026, 1, 1)), ("u2", "i2", dt.date(2026, 1, 2))]
+    outside = [(r["reason"], r["detail"]) for r in _table(lake_root, "quarantine/interactions") if r["batch"] == "day2"]
+    assert outside == [("outside_window", "2026-01-01 00:01:40 is outside --date 2026-01-02")]
+
+
+# ------------------------------------------------- appending loads: windows and upserts
+# The lake before each of these tests: day 1 at 00:00 and 01:00, day 2 at 00:00.
+BASE_EVENTS = ["u1,i1,1767225600,5", "u1,i2,1767229200,4", "u2,i1,1767312000,3"]
+T = dt.datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _at(hours: float) -> int:
+    return int(T.timestamp()) + round(hours * 3600)
+
+
+def _bronze(lake_root) -> list[tuple]:
+    return sorted((r["user_id"], r["item_id"], r["event_ts"], r["rating"], r["event_date"])
+                  for r in _table(lake_root, "bronze/interactions"))
+
+
+def _row(user, item, hours, rating):
+    ts = T + dt.timedelta(seconds=round(hours * 3600))
+    return (user, item, ts, float(rating), ts.date())
+
+
+def _versions(lake_root) -> dict:
+    from lake_contract.delta_snapshot import table_version
+
+    return {t: table_version(str(lake_root / f"bronze/{t}")) for t in ("interactions", "users", "items")}
+
+
+def _files_outside(lake_root, day: dt.date) -> list[str]:
+    """The data files of every event_date partition but ``day`` (unchanged files = untouched data)."""
+    from lake_contract.delta_snapshot import resolve_snapshot
+
+    snap = resolve_snapshot(str(lake_root / "bronze/interactions"))
+    return sorted(f for f, pv in zip(snap.files, snap.partition_values, strict=True)
+                  if pv["event_date"] != day.isoformat())
+
+
+def _load(tmp_path, name, events, users=None, items=None):
+    folder = tmp_path / name
+    folder.mkdir()
+    return _spec(folder, events, users, items)
+
+
+def _report(report, table):
+    return next(t for t in report.tables if t.table == table)
+
+
+@pytest.mark.spark
+def test_a_partial_day_file_without_flags_replaces_only_its_date(spark, tmp_path, lake_root):
+    _run(spark, lake_root, _load(tmp_path, "base", BASE_EVENTS))
+    day2_files = _files_outside(lake_root, dt.date(2026, 1, 1))
+    # The issue's case: a small daily file, no --date, into a lake holding other days.
+    partial = _load(tmp_path, "partial", [f"u2,i2,{_at(2)},4", f"u1,i1,{_at(3.5)},2"])
+    report = _run(spark, lake_root, partial, batch="partial")
+    assert _bronze(lake_root) == [_row("u1", "i1", 3.5, 2), _row("u2", "i1", 24, 3), _row("u2", "i2", 2, 4)]
+    assert _files_outside(lake_root, dt.date(2026, 1, 1)) == day2_files  # day 2 not even rewritten
+    inter = _report(report, "interactions")
+    assert inter.removed_rows == 2 and inter.action.startswith("replaced date 2026-01-01: 2 old rows out, 2 in")
+    # The same file again, now with --date: the day already holds exactly these rows.
+    versions = _versions(lake_root)
+    again = _run(spark, lake_root, partial, batch="partial", only_date=dt.date(2026, 1, 1))
+    assert _versions(lake_root) == versions  # no new version of any bronze table
+    assert all(t.written is None for t in again.tables)
+    assert _bronze(lake_root) == [_row("u1", "i1", 3.5, 2), _row("u2", "i1", 24, 3), _row("u2", "i2", 2, 4)]
+
+
+@pytest.mark.spark
+def test_an_hour_file_replaces_exactly_that_hour_and_twice_is_identical(spark, tmp_path, lake_root):
+    _run(spark, lake_root, _load(tmp_path, "base", BASE_EVENTS))
+    day2_files = _files_outside(lake_root, dt.date(2026, 1, 1))
+    hour = _load(tmp_path, "hour", [
+        f"u2,i1,{_at(1 + 1 / 60)},2",  # 01:01, new
+        f"u1,i2,{_at(1)},4",           # 01:00, already there
+        f"u1,i1,{_at(2)},5",           # 02:00: the next hour, not this load's
+    ])
+    report = _run(spark, lake_root, hour, batch="h01", only_hour=dt.datetime(2026, 1, 1, 1))
+    expected = [_row("u1", "i1", 0, 5), _row("u1", "i2", 1, 4), _row("u2", "i1", 1 + 1 / 60, 2), _row("u2", "i1", 24, 3)]
+    assert _bronze(lake_root) == expected  # 00:00 of the same day and all of day 2 kept
+    assert _files_outside(lake_root, dt.date(2026, 1, 1)) == day2_files
+    inter = _report(report, "interactions")
+    assert (inter.valid, inter.outside_window, inter.removed_rows) == (2, 1, 1)
+    quarantined = [(r["reason"], r["detail"]) for r in _table(lake_root, "quarantine/interactions")
+                   if r["batch"] == "h01"]
+    assert quarantined == [("outside_window", "2026-01-01 02:00:00 is outside --hour 2026-01-01T01")]
+
+    tables = ("bronze/interactions", "bronze/users", "bronze/items")
+    before = {t: sorted(map(repr, _table(lake_root, t))) for t in tables}
+    versions = _versions(lake_root)
+    again = _run(spark, lake_root, hour, batch="h01", only_hour=dt.datetime(2026, 1, 1, 1, tzinfo=UTC))
+    assert {t: sorted(map(repr, _table(lake_root, t))) for t in tables} == before
+    assert _versions(lake_root) == versions
+    assert _report(again, "interactions").action.startswith("unchanged: --hour 2026-01-01T01 already holds")
+    assert [(r["reason"], r["detail"]) for r in _table(lake_root, "quarantine/interactions")
+            if r["batch"] == "h01"] == quarantined
+
+    # An empty hour file for that hour empties exactly that hour.
+    _run(spark, lake_root, _load(tmp_path, "empty", []), batch="h01", only_hour=dt.datetime(2026, 1, 1, 1))
+    assert _bronze(lake_root) == [_row("u1", "i1", 0, 5), _row("u2", "i1", 24, 3)]
+
+
+@pytest.mark.spark
+def test_a_users_file_of_only_new_users_adds_them_and_keeps_the_rest(spark, tmp_path, lake_root):
+    _run(spark, lake_root, _load(tmp_path, "base", BASE_EVENTS))
+    load = _load(tmp_path, "new", [f"u3,i3,{_at(48)},5", f"u1,i3,{_at(49)},4"],
+                 users=["u3,22,ES"], items=["i3,2001,c,Three"])
+    report = _run(spark, lake_root, load, batch="new", max_bad=0.0)
+    users = sorted((r["user_id"], r["age"], r["country"]) for r in _table(lake_root, "bronze/users"))
+    assert users == [("u1", 31.0, "DE"), ("u2", 45.0, "FR"), ("u3", 22.0, "ES")]
+    items = sorted((r["item_id"], r["year"], r["tags"], r["name"]) for r in _table(lake_root, "bronze/items"))
+    assert items == [("i1", 1999.0, ["a", "b"], "One"), ("i2", None, ["b"], "Two"), ("i3", 2001.0, ["c"], "Three")]
+    # u1 is not in this users file but still known: its event is valid.
+    assert _bronze(lake_root) == [_row("u1", "i1", 0, 5), _row("u1", "i2", 1, 4), _row("u1", "i3", 49, 4),
+                                  _row("u2", "i1", 24, 3), _row("u3", "i3", 48, 5)]
+    assert _report(report, "users").action == (
+        "upserted by user_id: 1 new, 0 changed replaced, 0 identical; 2 ids absent from the load kept")
+
+    # A changed user is replaced, an identical one rewrites nothing.
+    versions = _versions(lake_root)
+    changed = _load(tmp_path, "changed", [], users=["u2,46,FR", "u3,22,ES"], items=["i3,2001,c,Three"])
+    report = _run(spark, lake_root, changed, batch="changed", max_bad=0.0)
+    users = sorted((r["user_id"], r["age"], r["country"]) for r in _table(lake_root, "bronze/users"))
+    assert users == [("u1", 31.0, "DE"), ("u2", 46.0, "FR"), ("u3", 22.0, "ES")]
+    assert _report(report, "users").action == (
+        "upserted by user_id: 0 new, 1 changed replaced, 1 identical; 1 ids absent from the load kept")
+    after = _versions(lake_root)
+    assert after["users"] == versions["users"] + 1
+    assert after["items"] == versions["items"]  # i3 unchanged: no new version
+    assert after["interactions"] == versions["interactions"]  # no events: no date named, nothing replaced
+
+
+@pytest.mark.spark
+def test_replace_all_is_explicit_and_counts_what_it_removes(spark, tmp_path, lake_root):
+    from lake_contract.errors import SchemaMismatchError
+
+    _run(spark, lake_root, _load(tmp_path, "base", BASE_EVENTS))
+    versions = _versions(lake_root)
+    other_columns = _load(tmp_path, "cols", [f"u1,i1,{_at(50)},5"])
+    (tmp_path / "cols" / "users.csv").write_text("uid,age,country,plan\nu1,31,DE,gold\n")
+    from dataclasses import replace
+
+    other_columns = replace(other_columns, users=replace(other_columns.users, categorical=("country", "plan")))
+    with pytest.raises(SchemaMismatchError, match=r"bronze/users cannot be upserted with this load: unexpected "
+                       r"columns \['plan'\]\. Map the same columns, or re-run with --replace-all"):
+        _run(spark, lake_root, other_columns, batch="cols")
+    assert _versions(lake_root) == versions
+
+    report = _run(spark, lake_root, other_columns, batch="cols", replace_all=True)
+    assert _bronze(lake_root) == [_row("u1", "i1", 50, 5)]
+    assert [r["plan"] for r in _table(lake_root, "bronze/users")] == ["gold"]
+    assert (_report(report, "interactions").removed_rows, _report(report, "users").removed_rows) == (3, 1)
+    assert _report(report, "interactions").action == (
+        "--replace-all: removed all 3 rows of 2 dates (2026-01-01..2026-01-02), wrote this load's")
+    assert _report(report, "users").action == (
+        "--replace-all: replaced as a whole (2 rows before); removed 1 ids absent from this load")
+
+
+def test_ingest_window_flags_parse_and_exclude_each_other():
+    from jobs.ingest import parse_config
+    from spark_features.ingest import IngestOptions
+
+    config = parse_config(["--source", "csv", "--mapping", "m.toml", "--hour", "2026-12-01T10", "--lake", "/abs/lake"])
+    assert config.only_hour == dt.datetime(2026, 12, 1, 10, tzinfo=UTC) and config.batch == "csv__2026-12-01T10"
+    assert parse_config(["--date", "2026-12-01"]).only_date == dt.date(2026, 12, 1)
+    assert parse_config(["--replace-all"]).replace_all
+    with pytest.raises(ValueError, match="only_hour must be the start of an hour"):
+        IngestOptions(batch="b", only_hour=dt.datetime(2026, 12, 1, 10, 30))
+    with pytest.raises(ValueError, match=r"exclude each other, got \['only_date', 'replace_all'\]"):
+        IngestOptions(batch="b", only_date=dt.date(2026, 12, 1), replace_all=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for args, message in ((["--hour", "2026-12-01T10", "--date", "2026-12-01"],
+                           "argument --date: not allowed with argument --hour"),
+                          (["--hour", "2026-12-01 10"],
+                           "argument --hour: expected a UTC hour YYYY-MM-DDTHH (e.g. 2026-12-01T10), got '2026-12-01 10'")):
+        failed = subprocess.run([sys.executable, "-m", "jobs.ingest", *args], capture_output=True, text=True,
+                                env=env, cwd=REPO)
+        assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1].endswith(message), failed.stderr
+
+
+@pytest.mark.slow
+def test_the_hourly_dag_command_ingests_an_hour_and_a_rerun_writes_nothing(tmp_path):
+    """The command the hourly DAG runs, twice, through the job's own process."""
+    from lake_contract.delta_snapshot import table_version
+
+    lake = tmp_path / "lake"
+    (tmp_path / "users.csv").write_text("uid,age\nu1,30\n")
+    (tmp_path / "hour.csv").write_text(f"uid,sku,ts\nu1,i1,{_at(10)}\nu1,i2,{_at(10.5)}\n")
+    (tmp_path / "items.csv").write_text("sku\ni1\ni2\n")
+    (tmp_path / "m.toml").write_text(
+        '[interactions]\npath = "hour.csv"\nuser_id = "uid"\nitem_id = "sku"\ntimestamp = "ts"\n'
+        '[users]\npath = "users.csv"\nid = "uid"\nnumeric = ["age"]\n[items]\npath = "items.csv"\nid = "sku"\n')
+    command = [sys.executable, "-m", "jobs.ingest", "--source", "csv", "--mapping", str(tmp_path / "m.toml"),
+               "--hour", "2026-01-01T10", "--lake", str(lake), "--master", "local[1]"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "bronze/interactions: 2 rows -> version 0" in first.stdout, first.stdout
+    assert _bronze(lake) == [("u1", "i1", T + dt.timedelta(hours=10), None, T.date()),
+                             ("u1", "i2", T + dt.timedelta(hours=10.5), None, T.date())]
+    second = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "bronze/interactions: unchanged: --hour 2026-01-01T10 already holds exactly these 2 events" in second.stdout
+    assert {t: table_version(str(lake / "bronze" / t)) for t in ("interactions", "users", "items")} == {
+        "interactions": 0, "users": 0, "items": 0}
 
 
 @pytest.mark.spark

@@ -99,3 +99,78 @@ def test_a_checkpoint_of_another_config_is_refused_with_a_clear_message(ml_lake,
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert "does not belong to this run" in last and "--fresh" in last and "config fields" in last
+
+
+class _WritesMarker:
+    """Unpickling this runs ``Path.touch(marker)``: what a planted checkpoint could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _plant_malicious_checkpoint(folder: Path, marker: Path, step: int = 7) -> Path:
+    """A file named like a real checkpoint whose pickle would create ``marker`` when loaded
+    with weights_only=False (written with torch.save, bypassing CheckpointManager's check)."""
+    import pickle
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:010d}.pt"
+    torch.save({"config": {}, "schema": "{}", "world_size": 1, "model": _WritesMarker(marker)}, path)
+    # Prove the plant is live: an unsafe load would run it.
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    return path
+
+
+def test_a_planted_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    from lake_contract.errors import TowerlakeError
+    from trainer.checkpoints import CheckpointManager, UnsafeCheckpointError
+
+    marker = tmp_path / "pwned"
+    manager = CheckpointManager(tmp_path / "ck")
+    path = _plant_malicious_checkpoint(manager.folder, marker)
+    assert manager.latest() == path
+    with pytest.raises(UnsafeCheckpointError) as err:
+        manager.load(path)
+    assert isinstance(err.value, TowerlakeError)
+    assert str(err.value).startswith(f"checkpoint {path} was refused: it asks for getattr, and a checkpoint "
+                                     "holds only tensors and plain data")
+    assert "--fresh" in str(err.value)
+    assert not marker.exists(), "loading the checkpoint ran the code in its pickle"
+
+    # The control: the same file unpickled without the guard does run it.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_save_refuses_what_could_not_be_loaded_back_safely(tmp_path):
+    import numpy as np
+
+    from trainer.checkpoints import CheckpointManager
+
+    manager = CheckpointManager(tmp_path / "ck")
+    with pytest.raises(TypeError, match=r"checkpoint payload\['history'\]\[0\]\['loss'\] is a numpy.float64"):
+        manager.save({"history": [{"loss": np.float64(0.5)}]}, 1)
+    assert manager.checkpoints() == []
+    plain = {"model": {"w": torch.arange(3.0)}, "history": [{"loss": 0.5, "valid": {"recall@10": 0.1}}],
+             "best_value": float("-inf"), "best_state": None, "betas": (0.9, 0.999), "rng": [torch.get_rng_state()]}
+    loaded = manager.load(manager.save(plain, 2))
+    assert loaded["history"] == plain["history"] and loaded["betas"] == (0.9, 0.999)
+    assert loaded["best_value"] == float("-inf") and loaded["best_state"] is None
+    assert torch.equal(loaded["model"]["w"], plain["model"]["w"]) and torch.equal(loaded["rng"][0], plain["rng"][0])
+
+
+def test_training_refuses_a_planted_checkpoint_with_exit_2_and_runs_none_of_it(ml_lake, tmp_path):
+    _, lake, _ = ml_lake
+    folder, marker = tmp_path / "ck", tmp_path / "pwned"
+    _plant_malicious_checkpoint(folder, marker)
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--epochs", "1", "--checkpoint-dir", str(folder),
+                           "--no-progress"], capture_output=True, text=True, env=_env(lake.root), cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "was refused: it asks for getattr, and a checkpoint holds only tensors" in last and "--fresh" in last
+    assert not marker.exists(), "the training job ran the code in the planted checkpoint"

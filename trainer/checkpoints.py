@@ -15,6 +15,12 @@ renamed (a kill mid-write leaves the previous checkpoint intact); the newest ``k
 The folder is keyed by ``run_key`` (config + exact table versions + world size), so re-running
 the same command finds it; a finished run's model version is committed first, then its
 checkpoints are removed.
+
+Safe loading: a checkpoint holds only tensors, plain containers (dict, list, tuple) and
+primitives (str, int, float, bool, None). ``save`` refuses anything else, and ``load`` reads
+with ``torch.load(weights_only=True)``, so a file planted in the checkpoint folder whose
+pickle would construct an arbitrary object (and run code while doing so) is refused with
+``UnsafeCheckpointError`` before any of it runs.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +45,37 @@ _NAME = re.compile(r"step-(\d{10})\.pt")
 
 class IncompatibleCheckpointError(TowerlakeError):
     """A checkpoint was written by a different model config, schema or world size."""
+
+
+class UnsafeCheckpointError(TowerlakeError):
+    """A checkpoint file holds objects other than tensors and plain containers: refused unread."""
+
+
+_PRIMITIVES = (str, int, float, bool, type(None))
+_MAPPINGS = (dict, OrderedDict)  # state_dict() returns OrderedDicts
+_SEQUENCES = (list, tuple, torch.Size)
+
+
+def check_plain(value: Any, where: str = "payload") -> None:
+    """Raise TypeError naming the first field of ``value`` that is not plain data: tensors,
+    dict/list/tuple and str/int/float/bool/None, by exact type (a numpy float is a float
+    subclass, and a subclass is a class that ``torch.load(weights_only=True)`` refuses)."""
+    kind = type(value)
+    if isinstance(value, torch.Tensor) or kind in _PRIMITIVES:
+        return
+    if kind in _MAPPINGS:
+        for key, item in value.items():
+            if type(key) not in _PRIMITIVES:
+                raise TypeError(f"checkpoint {where} has a key of type {type(key).__qualname__}: keys must be "
+                                "str/int/float/bool/None")
+            check_plain(item, f"{where}[{key!r}]")
+        return
+    if kind in _SEQUENCES:
+        for i, item in enumerate(value):
+            check_plain(item, f"{where}[{i}]")
+        return
+    raise TypeError(f"checkpoint {where} is a {kind.__module__}.{kind.__qualname__}: a checkpoint holds only "
+                    "tensors, dict/list/tuple and str/int/float/bool/None (convert it first)")
 
 
 def run_key(config: dict, table_versions: dict[str, int], train_split: str, world_size: int) -> str:
@@ -66,6 +105,7 @@ class CheckpointManager:
 
     def save(self, payload: dict[str, Any], global_step: int) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
+        check_plain(payload)  # what could not be loaded safely is refused now, not at resume
         final = self.folder / f"step-{global_step:010d}.pt"
         tmp = self.folder / f".{final.name}.tmp-{os.getpid()}"
         torch.save(payload, tmp)
@@ -77,7 +117,23 @@ class CheckpointManager:
         return final
 
     def load(self, path: Path) -> dict[str, Any]:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        """The payload of ``path``, read without unpickling anything but tensors and plain data.
+
+        Raises ``UnsafeCheckpointError`` when the file asks to construct any other object (a
+        planted or foreign file: its code is never run)."""
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            what = f"it asks for {found.group(1)}" if found else "it holds objects other than tensors and plain data"
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} was refused: {what}, and a checkpoint holds only tensors and plain data "
+                f"(unpickling anything else could run code; none of it was run). Delete {path.parent} (or re-run "
+                "with --fresh) and check who can write there") from err
+        if not isinstance(payload, dict):
+            raise UnsafeCheckpointError(f"checkpoint {path} holds a {type(payload).__name__}, not a training "
+                                        f"checkpoint: delete {path.parent} or re-run with --fresh")
+        return payload
 
     def remove_all(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
