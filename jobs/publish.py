@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # python jobs/publish.py
 from index_builder.gates import DEFAULT_METRIC, DEFAULT_TOLERANCE
 from jobs.cli import job_parser, run_job, setup_logging
 
-Action = Literal["publish", "rollback", "list"]
+Action = Literal["publish", "rollback", "list", "skip-if-published"]
 _PREVIOUS = ""  # --rollback without a version
 
 
@@ -59,8 +59,8 @@ class PublishJobConfig:
         import math
         import re
 
-        if self.action not in ("publish", "rollback", "list"):
-            raise ValueError(f"action must be publish, rollback or list, got {self.action!r}")
+        if self.action not in ("publish", "rollback", "list", "skip-if-published"):
+            raise ValueError(f"action must be publish, rollback, list or skip-if-published, got {self.action!r}")
         if not math.isfinite(self.tolerance) or self.tolerance < 0:
             raise ValueError(f"--tolerance must be a number >= 0, got {self.tolerance!r}")
         if not re.fullmatch(r"(hr|recall|ndcg)@\d+|auc", self.metric):
@@ -94,15 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--rollback", nargs="?", const=_PREVIOUS, metavar="VERSION",
                          help="point CURRENT at VERSION (default: the release the current one replaced)")
     actions.add_argument("--list", action="store_true", help="list releases (current marked with *)")
+    actions.add_argument("--skip-if-published", metavar="RELEASE",
+                         help="publish nothing: exit 99 (nothing to do) when RELEASE is already published, else 0; "
+                         "the first task of a DAG run, so a re-run of a published run changes nothing")
     return p
 
 
 def parse_config(argv: list[str] | None = None) -> PublishJobConfig:
     a = build_parser().parse_args(argv)
-    action: Action = "list" if a.list else "rollback" if a.rollback is not None else "publish"
+    action: Action = ("list" if a.list else "rollback" if a.rollback is not None
+                      else "skip-if-published" if a.skip_if_published else "publish")
     return PublishJobConfig(lake=a.lake, action=action, model=a.model, index=a.index, tolerance=a.tolerance,
                             metric=a.metric, keep=a.keep, rollback_to=a.rollback or None,
-                            release_version=a.release_version, exist_ok=a.exist_ok,
+                            release_version=a.skip_if_published or a.release_version, exist_ok=a.exist_ok,
                             require_parent_current=a.require_parent_current)
 
 
@@ -133,6 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     lake = Lake(job.lake)
     if job.action == "list":
         _list(lake.root)
+        return 0
+    if job.action == "skip-if-published":
+        from index_builder.release import list_releases
+        from lake_contract.errors import NothingToDo
+
+        found = next((r for r in list_releases(lake.root) if r.version == job.release_version), None)
+        if found is not None:
+            raise NothingToDo(f"release {found.version} (model {found.manifest.get('model_version')}) is already "
+                              "published: this run has nothing left to do")
+        print(f"publish: release {job.release_version} is not published yet")
         return 0
     if job.action == "rollback":
         before = current_release(lake.root)

@@ -134,3 +134,12 @@ def test_build_index_exist_ok_accepts_only_the_same_models_index(tmp_path, capsy
     with pytest.raises(ValueError, match="built from model nightly-20261201, not other"):
         build_index_job.main(["--lake", str(lake), "--model", "other", "--index-version", "nightly-20261201",
                               "--exist-ok"])
+
+
+def test_publish_skip_if_published_is_99_only_for_a_published_release(tmp_path, capsys):
+    lake = _lake_with_release(tmp_path, parent_of_candidate="m-new", serving="m-new")
+    with pytest.raises(NothingToDo, match=r"release r1 \(model m-new\) is already published"):
+        publish_job.main(["--lake", str(lake), "--skip-if-published", "r1"])
+    assert publish_job.main(["--lake", str(lake), "--skip-if-published", "nightly-20261201"]) == 0
+    assert "release nightly-20261201 is not published yet" in capsys.readouterr().out
+    assert (lake / "releases" / "CURRENT").read_text().strip() == "r1"
