@@ -4,7 +4,7 @@ PY := .venv/bin/python
 LAKE ?= lake
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint bench clean-lake
+.PHONY: setup demo test test-fast lint bench clean-lake airflow
 
 setup:
 	bash scripts/setup.sh
@@ -21,6 +21,10 @@ test-fast: setup
 
 lint: setup
 	$(PY) -m ruff check .
+
+# A local Airflow (scheduler + UI) running airflow_dags/ (docs/airflow.md).
+airflow: setup
+	bash scripts/airflow.sh
 
 bench: setup
 	$(PY) benchmarks/bench_ingest.py

@@ -4,7 +4,8 @@ Modes:
   full         (nightly) rebuild features/* and pairs/{train,valid,test} from all of bronze
   incremental  (hourly / daily) only one window's new events: append new ids to the
                vocabularies, MERGE the changed users/items into features/*, write that
-               window's pairs to its own partition of pairs/incremental
+               window's pairs to its own partition of pairs/incremental; a window with no
+               pairs exits 99 (nothing to do: the DAG skips the fine-tune)
 
 Examples:
   python -m jobs.build_features --prefix users.zip_code:3
@@ -173,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
             _print_incremental(report)
     finally:
         spark.stop()
+    if config.mode == "incremental" and report.pairs == 0:
+        from lake_contract.errors import NothingToDo
+
+        # The window is recorded complete in runs/build_features: a fine-tune has nothing to train.
+        raise NothingToDo(f"window {config.window_key} has no new pairs ({report.events:,} events): "
+                          "nothing to fine-tune")
     return 0
 
 

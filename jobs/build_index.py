@@ -11,6 +11,7 @@ Examples:
   python -m jobs.build_index --model 20261123T101500Z-1a2b3c --recall-target 0.98
   python -m jobs.build_index --factory 'IVF{nlist},PQ16' --recall-k 50 --force
   python -m jobs.build_index --use-gpu never                   # CPU even where there is a GPU
+  python -m jobs.build_index --model nightly-20261201 --exist-ok  # a re-run finds it built: exit 0
 
 nlist: 4 * sqrt(items) rounded to a power of two, capped so every list gets >= 39 training
 points (index_builder/faiss_index.py, choose_nlist).
@@ -42,6 +43,7 @@ class BuildIndexJobConfig:
     max_queries: int
     batch_rows: int
     force: bool
+    exist_ok: bool = False
 
     def __post_init__(self) -> None:
         if self.max_queries < 1:
@@ -66,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-rows", type=int, default=65_536, help="items per item-tower batch (default: 65536)")
     p.add_argument("--seed", type=int, default=0, help="k-means seed (default: 0)")
     p.add_argument("--force", action="store_true", help="replace an existing index version")
+    p.add_argument("--exist-ok", action="store_true",
+                   help="a complete index version built from the same model is success: exit 0 without building "
+                   "again (a scheduler's retry or re-run of the same run)")
     return p
 
 
@@ -76,7 +81,8 @@ def parse_config(argv: list[str] | None = None) -> BuildIndexJobConfig:
     index = IndexConfig(factory=a.factory, recall_k=a.recall_k, recall_target=a.recall_target, use_gpu=a.use_gpu,
                         seed=a.seed)
     return BuildIndexJobConfig(lake=a.lake, model=a.model, index_version=a.index_version, index=index,
-                               max_queries=a.max_queries, batch_rows=a.batch_rows, force=a.force)
+                               max_queries=a.max_queries, batch_rows=a.batch_rows, force=a.force,
+                               exist_ok=a.exist_ok and not a.force)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     lake = Lake(job.lake)
     version = resolve_model_version(lake.root, job.model)
     index_version = job.index_version or version
+    if job.exist_ok:
+        from index_builder.item_index import index_root
+
+        manifest_file = index_root(lake.root) / index_version / "manifest.json"
+        if manifest_file.is_file():
+            import json
+
+            built_from = json.loads(manifest_file.read_text()).get("model_version")
+            if built_from != version:
+                raise ValueError(f"index version {index_version} already exists, built from model {built_from}, "
+                                 f"not {version}: pick another --index-version or pass --force")
+            print(f"build_index: index/{index_version} of model {version} is already complete; nothing to do "
+                  "(--exist-ok)")
+            return 0
     started = time.monotonic()
     print(f"build_index: model {version} -> index/{index_version} (lake {lake.root})")
     report = build_item_index(lake.root, version, index_version, job.index, force=job.force,

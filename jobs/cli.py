@@ -2,7 +2,9 @@
 
 Exit 0 only on success; otherwise non-zero with a one-line reason a person can act on as
 the LAST line on stderr (the traceback, for unexpected failures, before it). Exit codes:
-2 = bad input or configuration (fix and re-run), 1 = unexpected failure, 130 = interrupted.
+2 = bad input or configuration, or a failed gate (fix and re-run; retrying as is cannot help),
+99 = nothing to do (an empty window, a superseded fine-tune; a scheduler marks the task
+skipped), 1 = unexpected failure (a retry may help), 130 = interrupted.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NoReturn
+
+EXIT_BAD_INPUT = 2
+EXIT_NOTHING_TO_DO = 99
 
 
 def default_lake() -> str:
@@ -61,18 +66,21 @@ def timed(label: str, say: Callable[[str], None] = print) -> Iterator[None]:
 def run_job(job: str, main: Callable[[], int | None], leave: Callable[[int], NoReturn] = sys.exit) -> None:
     """Run ``main`` and leave through ``leave`` with the contract above (jobs that join a gloo
     group pass ``trainer.distributed.exit_process``)."""
-    from lake_contract.errors import TowerlakeError
+    from lake_contract.errors import NothingToDo, TowerlakeError
 
     try:
         code = main() or 0
     except KeyboardInterrupt:
         print(f"error: {job} interrupted; tables keep their last committed version", file=sys.stderr)
         leave(130)
+    except NothingToDo as err:
+        print(f"skipped: {job}: {_one_line(err)}", file=sys.stderr)
+        leave(EXIT_NOTHING_TO_DO)
     except (TowerlakeError, ValueError) as err:
         if os.environ.get("TOWERLAKE_DEBUG"):
             traceback.print_exc()
         print(f"error: {job}: {_one_line(err)}", file=sys.stderr)
-        leave(2)
+        leave(EXIT_BAD_INPUT)
     except Exception as err:
         traceback.print_exc()
         print(

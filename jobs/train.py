@@ -26,7 +26,8 @@ Only the embedding tables train unless --trainable all: the MLPs stay the parent
 A window the incremental build completed with no pairs exits 0 without a model version.
 
 Re-running the same command after a crash or kill resumes from its last checkpoint
-(<lake>/checkpoints/<run key>); --fresh starts over.
+(<lake>/checkpoints/<run key>); --fresh starts over. With --version V --exist-ok, a re-run
+that finds models/V complete exits 0 without training (what the DAGs pass).
 
 Presets: dat (default), softmax-mixed, softmax-logq, dssm-bce, dssm-senet-bce (trainer/config.py).
 """
@@ -72,6 +73,7 @@ class TrainJobConfig:
     mode: str = "full"
     finetune: FinetuneOptions | None = None
     overrides: dict = field(default_factory=dict)
+    exist_ok: bool = False
 
 
 _WINDOW = re.compile(r"\d{4}-\d{2}-\d{2}(T\d{2})?")
@@ -116,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "ddp", "horovod", "single"), default="auto",
                    help="auto: horovod under horovodrun, ddp under torchrun, else one process")
     p.add_argument("--version", help="model version name (default: UTC time + random suffix)")
+    p.add_argument("--exist-ok", action="store_true",
+                   help="with --version: a complete models/<version> of the same kind (and window) is success: "
+                   "exit 0 without training again (a scheduler's retry or re-run of the same run)")
     p.add_argument("--train-split", default=None, help="full mode: pairs/<split> to train on (default: train)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("--checkpoint-every", type=int, metavar="STEPS",
@@ -145,8 +150,10 @@ def parse_config(argv: list[str] | None = None) -> TrainJobConfig:
                        ("checkpoint_every_steps", a.checkpoint_every)):
         if value is not None:
             overrides[key] = value
+    if a.exist_ok and not a.version:
+        raise ValueError("--exist-ok needs --version VERSION (the model version a re-run would find)")
     common = dict(lake=a.lake, backend=a.backend, version=a.version, progress=not a.no_progress,
-                  checkpoint_dir=a.checkpoint_dir, fresh=a.fresh)
+                  checkpoint_dir=a.checkpoint_dir, fresh=a.fresh, exist_ok=a.exist_ok)
     if a.mode == "finetune":
         return _finetune_config(a, file_fields, overrides, common)
     for flag, value in (("--window", a.window), ("--parent", a.parent),
@@ -204,9 +211,38 @@ def _peer_died(err: RuntimeError) -> bool:
                                          "NCCL communicator was aborted", "Horovod has been shut down"))
 
 
+def existing_version(job: TrainJobConfig, lake_root: str) -> dict | None:
+    """--exist-ok: the manifest of an already complete ``models/<job.version>`` that this command
+    would have written (same kind, same window), else None; ValueError when the version holds
+    another kind of model, so a re-run never passes off the wrong model as its own."""
+    from pathlib import Path
+
+    from trainer.artifacts import models_root
+
+    folder = Path(models_root(lake_root)) / job.version
+    if not job.exist_ok or not (folder / "weights.pt").is_file() or not (folder / "manifest.json").is_file():
+        return None
+    manifest = json.loads((folder / "manifest.json").read_text())
+    want = {"kind": job.mode, **({"window": job.finetune.window} if job.finetune else {})}
+    have = {k: manifest.get(k) for k in want}
+    if have != want:
+        raise ValueError(f"model version {job.version} already exists with {have}, not {want}: pick another "
+                         "--version")
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> int:
     job = parse_config(argv)
     setup_logging("train")
+    if job.exist_ok:
+        from lake_contract.lake import Lake
+
+        done = existing_version(job, Lake(job.lake).root)
+        if done is not None:
+            print(f"train: model version {job.version} is already complete ({done['kind']}"
+                  + (f", parent {done.get('parent')}" if done.get("parent") else "")
+                  + "); nothing to do (--exist-ok)")
+            return 0
     import warnings
 
     # Petastorm's reader threads warn about pyarrow's legacy dataset API on every row group.

@@ -28,3 +28,8 @@ class UnsupportedTableError(TowerlakeError):
 
 class BadInputError(TowerlakeError):
     """Input data is unusable as given (too many bad rows, missing columns, unreadable files)."""
+
+
+class NothingToDo(TowerlakeError):
+    """The run has nothing to do (an empty window, a fine-tune CURRENT no longer descends from):
+    jobs exit 99 and schedulers mark the task skipped; nothing was written that a re-run would not."""
