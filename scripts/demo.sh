@@ -9,6 +9,11 @@ PY=.venv/bin/python
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 start=$(date +%s)
 step() { printf '\n==== %s (%ss)\n' "$*" "$(( $(date +%s) - start ))"; }
+# The Delta engine the jobs will use (each Spark job also logs "Delta engine: ..." at start):
+# native delta-spark when setup put its jars in .jars/, delta-rs otherwise or with
+# TOWERLAKE_DELTA_ENGINE=delta-rs.
+ENGINE=$($PY -c 'from jobs.spark_context import delta_session_conf as c; print("native (delta-spark jars in .jars/)" if "spark.sql.extensions" in c({}) else "delta-rs (Spark writes Parquet, delta-rs commits)")')
+echo "Delta engine: $ENGINE"
 step "ingest MovieLens-100K"
 $PY -m jobs.ingest --source movielens-100k --lake "$LAKE"
 step "features and training pairs"

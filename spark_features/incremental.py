@@ -5,7 +5,8 @@ For the window [start, end):
 1. new user/item ids (and new categorical values of the users/items touched) are appended
    to the vocabularies: existing indices never move;
 2. the touched users and items get their ``features/*`` rows recomputed from bronze as of
-   ``end`` and MERGEd in (one commit per table, other rows untouched);
+   ``end`` and MERGEd in (one commit per table, other rows untouched; ``DeltaLakeIO.upsert``:
+   a Delta MERGE on the native engine, file-level copy-on-write on delta-rs);
 3. the window's positives get point-in-time history (from the users' earlier events in
    bronze) and offline negatives, and replace partition ``window=<key>`` of
    ``pairs/incremental``.

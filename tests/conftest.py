@@ -21,20 +21,33 @@ def spark():
     session.stop()
 
 
-@pytest.fixture(params=["native", "delta-rs"])
-def delta_io(request, spark):
-    """A ``DeltaLakeIO`` for each engine. The native one needs the jars, which setup always
+@pytest.fixture
+def native_io(spark):
+    """A ``DeltaLakeIO`` on the native engine. It needs the delta-spark jars, which setup always
     fetches: missing in CI they fail the run; elsewhere (or with TOWERLAKE_DELTA_ENGINE=
-    delta-rs, the session then built without them) the native case is skipped."""
+    delta-rs, the session then built without them) the test is skipped."""
     from spark_features.delta_io import DeltaLakeIO, native_delta_available
 
-    if request.param == "native" and not native_delta_available(spark):
+    if not native_delta_available(spark):
         reason = ("native Delta engine not in this session: no delta-spark jars in .jars/ "
                   "(scripts/fetch_jars.sh fetches them) or TOWERLAKE_DELTA_ENGINE=delta-rs")
         if os.environ.get("CI") and os.environ.get("TOWERLAKE_DELTA_ENGINE", "auto") != "delta-rs":
             pytest.fail(reason)
         pytest.skip(reason)
-    return DeltaLakeIO(spark, engine=request.param)
+    return DeltaLakeIO(spark, engine="native")
+
+
+@pytest.fixture
+def deltars_io(spark):
+    from spark_features.delta_io import DeltaLakeIO
+
+    return DeltaLakeIO(spark, engine="delta-rs")
+
+
+@pytest.fixture(params=["native", "delta-rs"])
+def delta_io(request):
+    """The storage tests run once per engine: ``native_io`` then ``deltars_io``."""
+    return request.getfixturevalue("native_io" if request.param == "native" else "deltars_io")
 
 
 @pytest.fixture
