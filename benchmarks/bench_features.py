@@ -4,10 +4,11 @@ Everything runs in ONE Spark session. For each dataset it ingests the bronze tab
 (not timed), then times ``build_training_data`` (vocabularies, features/*, pairs with
 history and offline negatives) and prints rows/s, per-stage seconds, and the growth from
 the smallest to the largest synthetic size (1.0 = perfectly linear; the goal is <= 1.2).
-Run it on an otherwise idle machine; 10M events need more shuffle partitions and heap than
-the defaults (8 partitions / 4g ran out of heap at 10M):
-
-  TOWERLAKE_SHUFFLE_PARTITIONS=64 TOWERLAKE_DRIVER_MEMORY=8g .venv/bin/python benchmarks/bench_features.py
+Each line also gives the CPU seconds of the driver, the JVM and the Python workers (from
+/proc) and the 1-minute load average: on a shared machine wall time follows the load, CPU
+time much less. Run it on an otherwise idle machine for wall-time figures. The old defaults
+(8 shuffle partitions, 4g) ran out of heap at 10M; the defaults are now 64 partitions with
+AQE coalescing (``TOWERLAKE_SHUFFLE_PARTITIONS`` / ``TOWERLAKE_DRIVER_MEMORY`` override them).
 
   .venv/bin/python benchmarks/bench_features.py                       # ML-100K, 1M, 10M
   .venv/bin/python benchmarks/bench_features.py --synthetic 1000000   # ML-100K and 1M only
@@ -17,6 +18,7 @@ the defaults (8 partitions / 4g ran out of heap at 10M):
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -24,6 +26,35 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def tree_cpu_seconds() -> float | None:
+    """CPU seconds (user + system) used so far by this process and every live descendant
+    (the Spark JVM, its Python daemon and, through the daemon's reaped children, the Python
+    workers). On a shared machine wall time follows the load; CPU time much less so.
+    None where /proc is not available."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu = {}, {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(entry.name)] = int(fields[1])
+        cpu[int(entry.name)] = sum(int(v) for v in fields[11:15]) / tick  # utime stime cutime cstime
+    me, total = os.getpid(), 0.0
+    for pid in cpu:
+        node = pid
+        while node not in (0, 1, me) and node in parent:
+            node = parent[node]
+        if node == me:
+            total += cpu[pid]
+    return total
 
 
 def main() -> int:
@@ -68,13 +99,15 @@ def main() -> int:
             spec, raw = synthetic_source_spec(), RawTables(tables.interactions, tables.users, tables.items)
             config = FeatureConfig(negatives=args.negatives)
         ingest(spark, io, lake, raw, spec, IngestOptions(batch="bench"), say=quiet)
-        start = time.monotonic()
+        start, cpu_start = time.monotonic(), tree_cpu_seconds()
         report = build_training_data(spark, io, lake, config, say=quiet)
         seconds = time.monotonic() - start
+        cpu_end = tree_cpu_seconds()
+        cpu = f", {cpu_end - cpu_start:.0f} CPU s" if cpu_start is not None and cpu_end is not None else ""
         pairs = sum(report.pair_counts.values())
         timings[name] = (n_events, seconds)
         print(f"{name:>20s}: {n_events:>11,} events -> {pairs:>11,} pairs in {seconds:7.1f}s "
-              f"({n_events / seconds:>9,.0f} events/s) | "
+              f"({n_events / seconds:>9,.0f} events/s{cpu}, load {os.getloadavg()[0]:.1f}) | "
               + ", ".join(f"{k} {v:.1f}s" for k, v in report.stage_seconds.items()))
         shutil.rmtree(work / name, ignore_errors=True)
 

@@ -199,17 +199,22 @@ def build_training_data(
     if negative_specs:
         catalog = item_features.select(
             "item_idx", F.col("primary_category_idx").alias("category_idx"), F.col("n_positives").alias("popularity"))
+        # Not cached: attach_negatives reads it once, and the mix is counted from base (which
+        # carries split and the kinds), so no second pass and no join of the negatives.
         negatives = sample_negatives(
             positives.select("pair_id", "user_idx", "item_idx"), positives.select("user_idx", "item_idx"), catalog,
             negative_specs, seed=config.seed, ranked=ranked, ranked_share=config.hard_ranked_share,
-        ).persist(StorageLevel.MEMORY_AND_DISK)
-        negative_mix = _negative_mix(negatives, positives)
+        )
+    base = attach_negatives(base, negatives).persist(StorageLevel.MEMORY_AND_DISK)
+    if negatives is not None:
+        negative_mix = _negative_mix(base)
         if ranked is not None and any(spec.kind == "hard" for spec in negative_specs):
             listed = ranked.select("user_idx", F.explode("items").alias("item_idx"))
+            hard = base.select("user_idx", F.explode(F.arrays_zip("neg_item_idx", "neg_kind")).alias("n")).where(
+                F.col("n.neg_kind") == "hard").select("user_idx", F.col("n.neg_item_idx").alias("item_idx"))
             negative_mix.setdefault("all", {})["hard in release list"] = (
-                negatives.where(F.col("neg_kind") == "hard").join(listed, ["user_idx", "item_idx"], "left_semi").count())
-        done("negatives", f"{sum(sum(m.values()) for m in negative_mix.values()):,} rows")
-    base = attach_negatives(base, negatives).persist(StorageLevel.MEMORY_AND_DISK)
+                hard.join(listed, ["user_idx", "item_idx"], "left_semi").count())
+        done("negatives", f"{sum(n for split in SPLITS for n in negative_mix.get(split, {}).values()):,} rows")
     holdout = positives.where(F.col("split") != "train").select("pair_id", "user_idx", "event_ts")
     seen = seen_before(holdout, events).persist(StorageLevel.MEMORY_AND_DISK)  # valid and test both use it
 
@@ -236,7 +241,7 @@ def build_training_data(
     # Counted while positives are still cached (after the unpersist it would re-read bronze).
     holdout_users = positives.where(F.col("split") == "test").select("user_idx").distinct().count() \
         if config.split == "leave-last-out" else 0
-    for frame in (events, positives, user_features, item_features, base, seen, *([negatives] if negatives is not None else [])):
+    for frame in (events, positives, user_features, item_features, base, seen):
         frame.unpersist()
     return BuildReport(
         bronze_versions=versions, vocabs=vocabs, written=written, pair_counts=split_counts,
@@ -344,11 +349,11 @@ def primary_category_column(item_cols: list[FeatureColumn], wanted: str | None):
     return F.coalesce(F.element_at(F.col(choice.feature), 1), F.lit(0))
 
 
-def _negative_mix(negatives: DataFrame, positives: DataFrame) -> dict[str, dict[str, int]]:
-    splits = positives.select("pair_id", "split")
-    rows = negatives.join(splits, "pair_id").groupBy("split", "neg_kind").count().collect()  # tiny
+def _negative_mix(pairs: DataFrame) -> dict[str, dict[str, int]]:
+    """{split: {neg_kind: negatives}} from pairs rows that carry ``split`` and ``neg_kind``."""
+    rows = pairs.select("split", F.explode("neg_kind").alias("neg_kind")).groupBy("split", "neg_kind").count().collect()
     mix: dict[str, dict[str, int]] = {}
-    for row in rows:
+    for row in rows:  # one row per (split, kind)
         mix.setdefault(row["split"], {})[row["neg_kind"]] = int(row["count"])
     return mix
 
