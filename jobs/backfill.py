@@ -3,7 +3,9 @@
 Runs the incremental build (``jobs/build_features.py --mode incremental --date D``) for each
 UTC date from --start to --end inclusive, in order, in one Spark session. A date already
 recorded as complete in ``runs/build_features`` is skipped unless --force, so a backfill
-that died half-way continues where it stopped when re-run. A full build must exist first.
+that died half-way continues where it stopped when re-run. A full build must exist first:
+every feature setting (history length, labels, negatives, prefixes, ...) is the one it saved
+in features/config, so backfilled pairs match the pairs the full build made.
 
 Examples:
   python -m jobs.backfill --start 2026-01-01 --end 2026-01-31
@@ -31,11 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end", type=date.fromisoformat, required=True, help="last UTC date (inclusive)")
     p.add_argument("--force", action="store_true", help="rebuild dates already complete")
     p.add_argument("--lake", default=default_lake())
-    p.add_argument("--history-length", type=int, default=50)
-    p.add_argument("--label-min-rating", type=float)
-    p.add_argument("--negatives", default="random:4,popularity:2,hard:2")
-    p.add_argument("--prefix", action="append", default=[], help="as in build_features, e.g. users.zip_code:3")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", choices=("auto", "native", "delta-rs"), default="auto")
     p.add_argument("--master")
     return p
@@ -45,31 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.end < args.start:
         raise ValueError(f"--end ({args.end}) is before --start ({args.start})")
-    from lake_contract.feature_config import FeatureConfig
-
-    prefixes = {}
-    for text in args.prefix:
-        column, _, length = text.rpartition(":")
-        if not column or not length.isdigit():
-            raise ValueError(f"--prefix expects TABLE.COLUMN:LENGTH like users.zip_code:3, got {text!r}")
-        prefixes[column] = int(length)
-    config = FeatureConfig(history_length=args.history_length, label_min_rating=args.label_min_rating,
-                           negatives=args.negatives, seed=args.seed, prefix_columns=prefixes)
     setup_logging("backfill")
     from tqdm import tqdm
 
     from jobs.spark_context import build_spark_session
+    from lake_contract.feature_config import FEATURE_CONFIG_TABLE, require_saved_feature_config
     from lake_contract.lake import Lake
     from spark_features.delta_io import DeltaLakeIO
     from spark_features.incremental import backfill_days
 
     lake = Lake(args.lake)
+    saved = require_saved_feature_config(lake.root, "the backfill")  # before Spark starts
     days = [args.start + timedelta(days=i) for i in range((args.end - args.start).days + 1)]
     print(f"backfill {args.start}..{args.end} lake={lake.root}")
+    print(f"  read: feature settings of the full build, {FEATURE_CONFIG_TABLE} v{saved.version}: {saved.config.to_json()}")
     spark = build_spark_session("towerlake-backfill", master=args.master)
     try:
         io = DeltaLakeIO(spark, engine=args.engine)
-        backfill_days(spark, io, lake, config, days, force=args.force,
+        backfill_days(spark, io, lake, saved.config, days, force=args.force,
                       progress=lambda todo: tqdm(todo, desc="backfill", unit="day"), say=tqdm.write)
     finally:
         spark.stop()

@@ -7,6 +7,10 @@ Modes:
                window's pairs to its own partition of pairs/incremental; a window with no
                pairs exits 99 (nothing to do: the DAG skips the fine-tune)
 
+Feature settings: a full build saves the settings it ran with (the flags below, defaults
+filled in) in features/config. An incremental run uses those saved settings; a feature flag
+given to it must equal the saved value, or the run is refused naming the fields (exit 2).
+
 Examples:
   python -m jobs.build_features --prefix users.zip_code:3
   python -m jobs.build_features --label-min-rating 4 --negatives random:4,popularity:2,hard:2
@@ -42,8 +46,9 @@ class BuildConfig:
     as_of: datetime | None
     engine: str
     master: str | None
-    features: object  # lake_contract.feature_config.FeatureConfig (imported lazily)
+    features: object  # lake_contract.feature_config.FeatureConfig (imported lazily): full mode's settings
     release_negatives: Literal["auto", "off"] = "auto"
+    feature_overrides: dict | None = None  # the feature flags given (FeatureConfig fields): incremental mode
 
     def __post_init__(self) -> None:
         if self.mode not in ("full", "incremental"):
@@ -101,31 +106,55 @@ def build_parser() -> argparse.ArgumentParser:
     window.add_argument("--date", type=_day, help="incremental window: one UTC day, YYYY-MM-DD (backfills)")
     p.add_argument("--as-of", type=_moment, help="full mode: ignore events at/after this UTC time "
                    "(default: just after the last event)")
-    p.add_argument("--history-length", type=int, default=50, help="items of point-in-time history per pair")
-    p.add_argument("--label-min-rating", type=float, help="positives are ratings >= this (default: every interaction)")
-    p.add_argument("--split", choices=("leave-last-out", "time"), default="leave-last-out")
-    p.add_argument("--min-positives", type=int, default=3, help="leave-last-out: users with fewer keep all in train")
-    p.add_argument("--cut", type=_moment, help="--split time: test = events at/after this UTC time")
-    p.add_argument("--valid-cut", type=_moment, help="--split time: valid = events in [valid-cut, cut)")
-    p.add_argument("--negatives", default="random:4,popularity:2,hard:2",
-                   help="offline negatives per positive, KIND:COUNT,... over random|popularity|hard, or none")
+    # Feature flags default to "not given" (SUPPRESS): full mode fills in FeatureConfig's defaults
+    # (listed in each help), incremental mode the full build's saved settings.
+    features = p.add_argument_group("feature settings (saved by a full build, reused by incremental runs)")
+    features.add_argument("--history-length", type=int, default=argparse.SUPPRESS,
+                          help="items of point-in-time history per pair (default 50)")
+    features.add_argument("--label-min-rating", type=float, default=argparse.SUPPRESS,
+                          help="positives are ratings >= this (default: every interaction)")
+    features.add_argument("--split", choices=("leave-last-out", "time"), default=argparse.SUPPRESS,
+                          help="default leave-last-out")
+    features.add_argument("--min-positives", type=int, default=argparse.SUPPRESS,
+                          help="leave-last-out: users with fewer keep all in train (default 3)")
+    features.add_argument("--cut", type=_moment, default=argparse.SUPPRESS,
+                          help="--split time: test = events at/after this UTC time")
+    features.add_argument("--valid-cut", type=_moment, default=argparse.SUPPRESS,
+                          help="--split time: valid = events in [valid-cut, cut)")
+    features.add_argument("--negatives", default=argparse.SUPPRESS,
+                          help="offline negatives per positive, KIND:COUNT,... over random|popularity|hard, or none "
+                          "(default random:4,popularity:2,hard:2)")
     p.add_argument("--release-negatives", choices=("auto", "off"), default="auto",
                    help="full mode, hard negatives: auto = when a release is published, also draw them from the "
                    "items it ranks 20-100 for each user (mined into negatives/release_ranked first); off = "
                    "categories only")
-    p.add_argument("--ranked-share", type=float, default=0.5,
-                   help="share of hard draws taken from the release's ranked list for users who also have "
-                   "preferred categories (default 0.5)")
-    p.add_argument("--id-min-count", type=int, default=1, help="ids seen fewer times map to unknown (0)")
-    p.add_argument("--min-count", type=int, default=1, help="categorical values seen fewer times map to unknown (0)")
-    p.add_argument("--buckets", type=int, default=10, help="quantile buckets per numeric attribute")
-    p.add_argument("--prefix", type=_prefix, action="append", default=[],
-                   help="derived categorical: TABLE.COLUMN:LENGTH, e.g. users.zip_code:3 (repeatable)")
-    p.add_argument("--primary-category", help="items column holding the primary category (default: auto)")
-    p.add_argument("--seed", type=int, default=0)
+    features.add_argument("--ranked-share", type=float, default=argparse.SUPPRESS,
+                          help="share of hard draws taken from the release's ranked list for users who also have "
+                          "preferred categories (default 0.5)")
+    features.add_argument("--id-min-count", type=int, default=argparse.SUPPRESS,
+                          help="ids seen fewer times map to unknown (0) (default 1)")
+    features.add_argument("--min-count", type=int, default=argparse.SUPPRESS,
+                          help="categorical values seen fewer times map to unknown (0) (default 1)")
+    features.add_argument("--buckets", type=int, default=argparse.SUPPRESS,
+                          help="quantile buckets per numeric attribute (default 10)")
+    features.add_argument("--prefix", type=_prefix, action="append", default=argparse.SUPPRESS,
+                          help="derived categorical: TABLE.COLUMN:LENGTH, e.g. users.zip_code:3 (repeatable)")
+    features.add_argument("--primary-category", default=argparse.SUPPRESS,
+                          help="items column holding the primary category (default: auto)")
+    features.add_argument("--seed", type=int, default=argparse.SUPPRESS, help="default 0")
     p.add_argument("--engine", choices=("auto", "native", "delta-rs"), default="auto")
     p.add_argument("--master", help="Spark master (default: spark-submit's, else local[*])")
     return p
+
+
+# flag dest -> FeatureConfig field
+FEATURE_FLAGS = {
+    "id_min_count": "id_min_count", "min_count": "categorical_min_count", "buckets": "numeric_buckets",
+    "history_length": "history_length", "label_min_rating": "label_min_rating", "split": "split",
+    "min_positives": "min_positives_for_holdout", "cut": "time_cut", "valid_cut": "valid_cut",
+    "negatives": "negatives", "seed": "seed", "prefix": "prefix_columns", "primary_category": "primary_category",
+    "ranked_share": "hard_ranked_share",
+}
 
 
 def parse_config(argv: list[str] | None = None) -> BuildConfig:
@@ -133,18 +162,18 @@ def parse_config(argv: list[str] | None = None) -> BuildConfig:
     from lake_contract.feature_config import FeatureConfig
     from spark_features.negatives import parse_negative_specs
 
-    parse_negative_specs(a.negatives)  # fail fast on a typo, before Spark starts
-    features = FeatureConfig(
-        id_min_count=a.id_min_count, categorical_min_count=a.min_count, numeric_buckets=a.buckets,
-        history_length=a.history_length, label_min_rating=a.label_min_rating, split=a.split,
-        min_positives_for_holdout=a.min_positives, time_cut=a.cut, valid_cut=a.valid_cut,
-        negatives=a.negatives, seed=a.seed, prefix_columns=dict(a.prefix), primary_category=a.primary_category,
-        hard_ranked_share=a.ranked_share,
-    )
+    given = {field: getattr(a, dest) for dest, field in FEATURE_FLAGS.items() if hasattr(a, dest)}
+    if "prefix_columns" in given:
+        given["prefix_columns"] = dict(given["prefix_columns"])
+    if "negatives" in given:
+        parse_negative_specs(given["negatives"])  # fail fast on a typo, before Spark starts
+    # Incremental mode applies the flags to the saved settings (and validates them there).
+    features = FeatureConfig(**given) if a.mode == "full" else None
     start = a.hour or a.date
     end = None if start is None else start + (timedelta(hours=1) if a.hour else timedelta(days=1))
     return BuildConfig(lake=a.lake, mode=a.mode, window_start=start, window_end=end, as_of=a.as_of,
-                       engine=a.engine, master=a.master, features=features, release_negatives=a.release_negatives)
+                       engine=a.engine, master=a.master, features=features, release_negatives=a.release_negatives,
+                       feature_overrides=given)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     lake = Lake(config.lake)
     print(f"build_features: mode={config.mode} lake={lake.root}"
           + (f" window={config.window_key}" if config.mode == "incremental" else ""))
+    features = _incremental_features(lake, config) if config.mode == "incremental" else None  # before Spark
     spark = build_spark_session("towerlake-build-features", master=config.master)
     try:
         io = DeltaLakeIO(spark, engine=config.engine)
@@ -169,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from spark_features.incremental import build_incremental
 
-            report = build_incremental(spark, io, lake, config.features, config.window_start, config.window_end,
+            report = build_incremental(spark, io, lake, features, config.window_start, config.window_end,
                                        config.window_key)
             _print_incremental(report)
     finally:
@@ -181,6 +211,26 @@ def main(argv: list[str] | None = None) -> int:
         raise NothingToDo(f"window {config.window_key} has no new pairs ({report.events:,} events): "
                           "nothing to fine-tune")
     return 0
+
+
+def _incremental_features(lake, config: BuildConfig):
+    """The full build's saved settings; feature flags given must equal them (refused, naming
+    the fields, otherwise: FeatureConfigMismatchError, exit 2)."""
+    from dataclasses import replace
+
+    from lake_contract.feature_config import (
+        FEATURE_CONFIG_TABLE,
+        require_same_feature_config,
+        require_saved_feature_config,
+    )
+
+    what = "the incremental build"
+    saved = require_saved_feature_config(lake.root, what)
+    given = replace(saved.config, **(config.feature_overrides or {}))
+    require_same_feature_config(saved, given, what, advice=(
+        "drop the differing flags (the saved settings are used), or run a full build with them first"))
+    print(f"  read: feature settings of the full build, {FEATURE_CONFIG_TABLE} v{saved.version}")
+    return saved.config
 
 
 def _release_ranked(io, lake, config: BuildConfig):

@@ -14,7 +14,9 @@ For the window [start, end):
 Everything is recomputed from bronze rather than incremented, so re-running a window gives
 the same tables (idempotent): the MERGE writes the same rows again and the pairs partition
 is replaced, never appended. Numeric buckets reuse the boundaries stored in
-``features/spec`` by the last full build (a full build must exist first). ``log_q`` of the
+``features/spec`` by the last full build (a full build must exist first), and every setting
+(history length, labels, negatives, prefixes, ...) is the one that build saved in
+``features/config``: a run given other settings is refused, naming the fields. ``log_q`` of the
 touched items uses the current total of positives; untouched items keep theirs until the
 next full build (a constant shift for them).
 """
@@ -32,7 +34,11 @@ from pyspark.storagelevel import StorageLevel
 
 from lake_contract.delta_snapshot import table_exists
 from lake_contract.errors import TableNotFoundError
-from lake_contract.feature_config import FeatureConfig
+from lake_contract.feature_config import (
+    FeatureConfig,
+    require_same_feature_config,
+    require_saved_feature_config,
+)
 from lake_contract.lake import BRONZE_TABLES, Lake
 from lake_contract.run_ledger import completed_windows, mark_complete
 from spark_features.delta_io import DeltaLakeIO, WriteResult
@@ -70,12 +76,16 @@ def build_incremental(
     spark: SparkSession,
     io: DeltaLakeIO,
     lake: Lake,
-    config: FeatureConfig,
+    config: FeatureConfig | None,
     start: datetime,
     end: datetime,
     window_key: str,
     say: Callable[[str], None] = print,
 ) -> IncrementalReport:
+    """Build window [start, end) (module docstring) with the full build's saved settings.
+
+    ``config``: None uses them; a config is checked against them and refused
+    (``FeatureConfigMismatchError``, naming the differing fields) unless equal."""
     report = IncrementalReport(window=window_key)
     clock = [time.monotonic()]
 
@@ -89,6 +99,7 @@ def build_incremental(
         if not table_exists(lake.table(needed)):
             raise TableNotFoundError(
                 f"{lake.table(needed)} is missing: run a full build first (python -m jobs.build_features)")
+    config = resolve_feature_config(lake, config, "the incremental build")
     interactions = io.read_table(lake.table(BRONZE_TABLES["interactions"]))
     last_day = (end - timedelta(microseconds=1)).date()
     # The event_date bound lets the read skip every other date partition.
@@ -188,11 +199,20 @@ def build_incremental(
     return report
 
 
+def resolve_feature_config(lake: Lake, config: FeatureConfig | None, what: str) -> FeatureConfig:
+    """The full build's saved settings; ``config`` (when given) must equal them."""
+    saved = require_saved_feature_config(lake.root, what)
+    if config is not None:
+        require_same_feature_config(saved, config, what, advice=(
+            "drop the differing settings (the saved ones are used), or run a full build with them first"))
+    return saved.config
+
+
 def backfill_days(
     spark: SparkSession,
     io: DeltaLakeIO,
     lake: Lake,
-    config: FeatureConfig,
+    config: FeatureConfig | None,
     days: list,
     force: bool = False,
     progress: Callable | None = None,
@@ -200,7 +220,9 @@ def backfill_days(
 ) -> dict[str, IncrementalReport]:
     """Run the incremental build for each UTC date in ``days``, in order, skipping dates the
     ledger already records as complete (unless ``force``). Returns the reports of the dates
-    that ran; a failure stops the backfill there, and a re-run resumes at that date."""
+    that ran; a failure stops the backfill there, and a re-run resumes at that date.
+    ``config``: as in ``build_incremental`` (None: the full build's saved settings)."""
+    config = resolve_feature_config(lake, config, "the backfill")
     done = completed_windows(lake, LEDGER_JOB)
     todo = [d for d in days if force or d.isoformat() not in done]
     say(f"backfill: {len(days)} date(s), {len(days) - len(todo)} already complete, {len(todo)} to build")
@@ -251,4 +273,5 @@ def _like_table(io: DeltaLakeIO, lake: Lake, table: str, rows: DataFrame) -> Dat
     return rows.select(*[F.col(f.name).cast(f.dataType) for f in schema.fields])
 
 
-__all__ = ["INCREMENTAL_PAIRS", "LEDGER_JOB", "IncrementalReport", "backfill_days", "build_incremental"]
+__all__ = ["INCREMENTAL_PAIRS", "LEDGER_JOB", "IncrementalReport", "backfill_days", "build_incremental",
+           "resolve_feature_config"]

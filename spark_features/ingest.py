@@ -59,8 +59,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
-from lake_contract.delta_snapshot import table_exists
-from lake_contract.errors import BadInputError, SchemaMismatchError
+from lake_contract.delta_snapshot import table_exists, table_version
+from lake_contract.errors import BadInputError, CommitConflictError, SchemaMismatchError
 from lake_contract.lake import BRONZE_TABLES, Lake, quarantine_table
 from spark_features.delta_io import DeltaLakeIO, WriteResult, check_schema_compatible
 from spark_features.sources import EntitySpec, InteractionsSpec, SourceSpec
@@ -489,6 +489,7 @@ class _Write:
     frame: DataFrame | None = None
     replace_where: dict | None = None
     upsert_key: str | None = None
+    read_version: int | None = None  # the version ``frame`` was planned from (carried-over rows)
 
 
 def ingest(
@@ -606,6 +607,7 @@ def ingest(
                     write.frame, lake.table(BRONZE_TABLES[write.table]), mode="overwrite", partition_by=partition_by,
                     replace_where=write.replace_where, overwrite_schema=write.replace_where is None,
                 )))
+                _check_not_moved(write, pending[-1][1], lake)
             for write in writes:  # an upsert commits as it writes: after every staged file is written
                 if write.frame is not None and write.upsert_key is not None:
                     result = io.upsert(write.frame, lake.table(BRONZE_TABLES[write.table]), [write.upsert_key])
@@ -665,7 +667,8 @@ def _plan_interactions(io: DeltaLakeIO, lake: Lake, validated: DataFrame, report
     the window already holds exactly these rows; fills ``report.action``/``removed_rows``."""
     uri = lake.table(BRONZE_TABLES["interactions"])
     events = to_bronze_interactions(validated)
-    existing = io.read_table(uri) if table_exists(uri) else None
+    version = table_version(uri)
+    existing = io.read_table(uri, version) if version is not None else None
     if options.replace_all:
         if existing is not None:
             report.removed_rows = existing.count()
@@ -688,12 +691,13 @@ def _plan_interactions(io: DeltaLakeIO, lake: Lake, validated: DataFrame, report
         report.action = f"created ({scope})"
         return _Write("interactions", events.repartition("event_date"), {"event_date": dates})
     before = keep(existing.where(F.col("event_date").isin(*dates)))
-    content = events
+    content, carried_from = events, None
     if options.only_hour is not None:
         start, end, _ = options.window
         in_hour = (F.col("event_ts") >= F.lit(start)) & (F.col("event_ts") < F.lit(end))
         report.removed_rows = before.where(in_hour).count()
         content = before.where(~in_hour).unionByName(events)  # the rest of the day, carried over as it is
+        carried_from = version
     else:
         report.removed_rows = before.count()
     content = keep(content.repartition("event_date"))
@@ -701,7 +705,20 @@ def _plan_interactions(io: DeltaLakeIO, lake: Lake, validated: DataFrame, report
         report.action = f"unchanged: {scope} already holds exactly these {report.valid:,} events; nothing written"
         return _Write("interactions")
     report.action = f"replaced {scope}: {report.removed_rows:,} old rows out, {report.valid:,} in; nothing else changed"
-    return _Write("interactions", content, {"event_date": dates})
+    return _Write("interactions", content, {"event_date": dates}, read_version=carried_from)
+
+
+def _check_not_moved(write: _Write, handle, lake: Lake) -> None:
+    """A write that carries rows over from version v must commit on top of v: when another
+    writer committed in between, refuse (before any commit of this load) instead of dropping
+    that writer's rows. The delta-rs commit itself is planned against the staged version."""
+    staged_on = getattr(handle, "read_version", None)
+    if write.read_version is None or staged_on is None or staged_on == write.read_version:
+        return
+    raise CommitConflictError(
+        f"bronze/{write.table} moved from version {write.read_version} to {staged_on} while this ingest ran "
+        f"(another write to it): nothing of this load was committed to bronze; re-run it (ingests of hours of "
+        f"one day must run one at a time). Table: {lake.table(BRONZE_TABLES[write.table])}")
 
 
 def _same_rows(before: DataFrame, after: DataFrame) -> bool:

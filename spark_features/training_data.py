@@ -30,7 +30,7 @@ from pyspark.storagelevel import StorageLevel
 
 from lake_contract.delta_snapshot import table_version
 from lake_contract.errors import TableNotFoundError
-from lake_contract.feature_config import ACTIVITY_BOUNDARIES, FeatureConfig
+from lake_contract.feature_config import ACTIVITY_BOUNDARIES, FEATURE_CONFIG_TABLE, FeatureConfig
 from lake_contract.lake import BRONZE_TABLES, Lake
 from spark_features.delta_io import DeltaLakeIO, WriteResult
 from spark_features.features import (
@@ -189,6 +189,8 @@ def build_training_data(
          ("pairs", "prior_events", "prior_events_bucket", "bucket", None, list(ACTIVITY_BOUNDARIES)),
          ("items", "n_events", "popularity_bucket", "bucket", None, list(ACTIVITY_BOUNDARIES))]
     spec = spark.createDataFrame(spec_rows, FEATURE_SPEC_SCHEMA)
+    # The settings of this build, committed with the tables they shaped (lake_contract.feature_config).
+    saved_config = spark.createDataFrame([(config.to_json(), as_of)], "config_json string, as_of timestamp")
 
     # ---- negatives and pairs
     negative_specs = parse_negative_specs(config.negatives)
@@ -220,7 +222,8 @@ def build_training_data(
 
     # ---- stage every write, then commit them all
     staged = []
-    for name, frame in (("features/users", user_features), ("features/items", item_features), ("features/spec", spec)):
+    for name, frame in (("features/users", user_features), ("features/items", item_features), ("features/spec", spec),
+                        (FEATURE_CONFIG_TABLE, saved_config)):
         staged.append((name, io.stage_write(frame.coalesce(max(1, math.ceil(vocabs["item_id"].size / 1_000_000))),
                                             lake.table(name), overwrite_schema=True)))
     for split in SPLITS:

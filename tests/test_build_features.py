@@ -167,7 +167,10 @@ def test_incremental_hour_appends_ids_merges_features_and_is_idempotent(spark, b
 
     first = _snapshot_all(lake_root)
     vocab_version = table_version(str(lake_root / "vocab/user_id"))
-    run()
+    # Again, given no settings: the full build's saved ones (history 3, random:2) are used, so
+    # the tables are the same as with _config() (the defaults, history 50, would change them).
+    build_incremental(spark, io, lake, None, start, start + dt.timedelta(hours=1), "2026-01-02T10",
+                      say=lambda _s: None)
     assert _snapshot_all(lake_root) == first
     assert table_version(str(lake_root / "vocab/user_id")) == vocab_version  # nothing new: no commit
 
@@ -182,5 +185,85 @@ def test_incremental_hour_appends_ids_merges_features_and_is_idempotent(spark, b
     ran = backfill_days(spark, io, lake, _config(), days, say=lambda _s: None)
     assert sorted(ran) == ["2026-01-01", "2026-01-02"]
     assert ran["2026-01-02"].events == 4  # the whole day, the 11:00 event included
-    assert backfill_days(spark, io, lake, _config(), days, say=lambda _s: None) == {}
+    assert backfill_days(spark, io, lake, None, days, say=lambda _s: None) == {}
     assert sorted(backfill_days(spark, io, lake, _config(), days[1:], force=True, say=lambda _s: None)) == ["2026-01-02"]
+
+
+def test_the_full_build_saves_its_feature_settings_in_the_lake(built_lake):
+    from lake_contract.delta_snapshot import read_table_deltars
+    from lake_contract.feature_config import load_saved_feature_config
+
+    lake_root, report = built_lake
+    saved = load_saved_feature_config(str(lake_root))
+    assert saved.config == _config() and saved.version == report.written["features/config"].version
+    assert saved.as_of.replace(tzinfo=dt.UTC) == report.as_of.replace(tzinfo=dt.UTC)
+    rows = read_table_deltars(str(lake_root / "features/config")).to_pylist()
+    assert [r["config_json"] for r in rows] == [_config().to_json()]
+
+
+def test_an_incremental_run_with_other_settings_is_refused_naming_the_fields(spark, built_lake, tmp_path):
+    import dataclasses
+    import shutil
+
+    from lake_contract.delta_snapshot import table_version
+    from lake_contract.errors import TowerlakeError
+    from lake_contract.feature_config import FeatureConfigMismatchError
+    from lake_contract.lake import Lake
+    from spark_features.delta_io import DeltaLakeIO
+    from spark_features.incremental import backfill_days, build_incremental
+
+    lake_root = tmp_path / "lake"
+    shutil.copytree(built_lake[0], lake_root)
+    io, lake = DeltaLakeIO(spark), Lake(str(lake_root))
+    vocab_version = table_version(str(lake_root / "vocab/user_id"))
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    other = _config(negatives="random:3", prefix_columns={"users.gender": 1})
+    with pytest.raises(FeatureConfigMismatchError) as err:
+        build_incremental(spark, io, lake, other, start, start + dt.timedelta(hours=1), "2026-01-01T00",
+                          say=lambda _s: None)
+    assert isinstance(err.value, TowerlakeError)
+    assert str(err.value).startswith(
+        "the incremental build uses feature settings that differ from the full build's (features/config v0) in "
+        "2 field(s): negatives (saved 'random:2', the incremental build 'random:3'), prefix_columns (saved {}, "
+        "the incremental build {'users.gender': 1}). Pairs of one model must come from one set of settings")
+    with pytest.raises(FeatureConfigMismatchError, match=r"^the backfill uses feature settings .* history_length "
+                       r"\(saved 3, the backfill 4\)"):
+        backfill_days(spark, io, lake, dataclasses.replace(_config(), history_length=4), [start.date()],
+                      say=lambda _s: None)
+    assert not (lake_root / "pairs/incremental").exists()
+    assert table_version(str(lake_root / "vocab/user_id")) == vocab_version  # refused before writing anything
+
+
+def test_build_features_and_backfill_jobs_take_the_saved_settings_and_refuse_others(built_lake, tmp_path):
+    """Job level, before Spark starts: exit 2 with the fields named; backfill has no feature flags."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+
+    def job(*args):
+        proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, cwd=repo,
+                              timeout=120)
+        return proc.returncode, proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+
+    code, last = job("jobs.build_features", "--mode", "incremental", "--hour", "2026-01-02T10", "--lake",
+                     str(built_lake[0]), "--history-length", "3", "--buckets", "7")
+    assert code == 2
+    assert last.startswith("error: build_features: the incremental build uses feature settings that differ from "
+                           "the full build's (features/config v0) in 1 field(s): numeric_buckets (saved 2, the "
+                           "incremental build 7)"), last
+    helped = subprocess.run([sys.executable, "-m", "jobs.backfill", "--help"], capture_output=True, text=True,
+                            env=env, cwd=repo)
+    assert helped.returncode == 0 and "features/config" in helped.stdout
+    for flag in ("--history-length", "--label-min-rating", "--negatives", "--prefix", "--seed"):
+        assert flag not in helped.stdout
+    code, last = job("jobs.backfill", "--start", "2026-01-01", "--end", "2026-01-02", "--history-length", "3")
+    assert code == 2 and "unrecognized arguments: --history-length 3" in last
+    bare = tmp_path / "lake"
+    shutil.copytree(built_lake[0] / "bronze", bare / "bronze")
+    code, last = job("jobs.backfill", "--start", "2026-01-01", "--end", "2026-01-02", "--lake", str(bare))
+    assert code == 2 and last.endswith("does not exist: run the full build first (python -m jobs.build_features); "
+                                       "it saves them"), last

@@ -282,6 +282,36 @@ def test_an_hour_file_replaces_exactly_that_hour_and_twice_is_identical(spark, t
 
 
 @pytest.mark.spark
+def test_an_hour_ingest_refuses_to_commit_over_a_write_that_landed_while_it_ran(spark, tmp_path, lake_root):
+    from lake_contract.errors import CommitConflictError
+    from lake_contract.lake import Lake
+    from spark_features.delta_io import DeltaLakeIO
+    from spark_features.ingest import INTERACTIONS_SCHEMA, IngestOptions, ingest, read_source
+
+    _run(spark, lake_root, _load(tmp_path, "base", BASE_EVENTS))
+    io, lake = DeltaLakeIO(spark), Lake(str(lake_root))
+    hour = _load(tmp_path, "hour", [f"u2,i1,{_at(1.5)},2"])
+    late = _row("u2", "i2", 0.5, 1)  # written by "another writer" into the same day while the hour is planned
+
+    def meddle(line: str) -> None:
+        if line.startswith("    plan bronze/interactions"):
+            day1 = [r for r in _bronze(lake_root) if r[4] == dt.date(2026, 1, 1)]
+            rows = [(u, i, r, ts, d) for u, i, ts, r, d in [*day1, late]]  # INTERACTIONS_SCHEMA order
+            io.write_table(spark.createDataFrame(rows, INTERACTIONS_SCHEMA), lake.table("bronze/interactions"),
+                           partition_by=["event_date"], replace_where={"event_date": [dt.date(2026, 1, 1)]})
+
+    options = IngestOptions(batch="h01", only_hour=dt.datetime(2026, 1, 1, 1), max_bad_fraction=0.0, run_id="r")
+    with pytest.raises(CommitConflictError, match=r"^bronze/interactions moved from version 0 to 1 while this "
+                       r"ingest ran \(another write to it\): nothing of this load was committed"):
+        ingest(spark, io, lake, read_source(spark, hour), hour, options, say=meddle)
+    with_late = [_row("u1", "i1", 0, 5), _row("u1", "i2", 1, 4), _row("u2", "i1", 24, 3), late]
+    assert _bronze(lake_root) == sorted(with_late)  # the other writer's row survived
+    _run(spark, lake_root, hour, batch="h01", only_hour=dt.datetime(2026, 1, 1, 1))  # the re-run goes through
+    assert _bronze(lake_root) == sorted([_row("u1", "i1", 0, 5), _row("u2", "i1", 1.5, 2), _row("u2", "i1", 24, 3),
+                                         late])
+
+
+@pytest.mark.spark
 def test_a_users_file_of_only_new_users_adds_them_and_keeps_the_rest(spark, tmp_path, lake_root):
     _run(spark, lake_root, _load(tmp_path, "base", BASE_EVENTS))
     load = _load(tmp_path, "new", [f"u3,i3,{_at(48)},5", f"u1,i3,{_at(49)},4"],

@@ -191,3 +191,43 @@ def test_staging_left_by_a_killed_run_is_removed_but_a_live_one_is_kept(tmp_path
     assert not killed.folder.exists() and not dead.exists() and live.exists()
     path = again.commit()
     assert path == models / "v1" and not (path / ".owner").exists()
+
+
+def _save_feature_settings(lake_root, config) -> int:
+    """One full build's features/config row, written as the build writes it (one new version)."""
+    from datetime import UTC, datetime
+
+    from deltalake import write_deltalake
+
+    from lake_contract.delta_snapshot import table_version
+
+    row = pa.table({"config_json": [config.to_json()], "as_of": [datetime(2026, 1, 2, tzinfo=UTC)]})
+    write_deltalake(str(lake_root / "features" / "config"), row, mode="overwrite")
+    return table_version(str(lake_root / "features" / "config"))
+
+
+def test_a_finetune_is_refused_when_its_pairs_have_other_feature_settings_than_its_parent(tmp_path):
+    from lake_contract.errors import TableNotFoundError, TowerlakeError
+    from lake_contract.feature_config import FeatureConfig, FeatureConfigMismatchError
+    from trainer.finetune import check_feature_settings
+
+    with pytest.raises(TableNotFoundError, match="the fine-tune of p1 needs the feature settings of a full build"):
+        check_feature_settings(str(tmp_path), "p1", {"table_versions": {}})
+    first = _save_feature_settings(tmp_path, FeatureConfig(prefix_columns={"users.zip_code": 3}))
+    parent = {"table_versions": {"features/config": first, "pairs/train": 4}}
+    check_feature_settings(str(tmp_path), "p1", parent)  # same version: nothing to compare
+    same = _save_feature_settings(tmp_path, FeatureConfig(prefix_columns={"users.zip_code": 3}))
+    assert same == first + 1
+    check_feature_settings(str(tmp_path), "p1", parent)  # a later build with equal settings is fine
+    _save_feature_settings(tmp_path, FeatureConfig(prefix_columns={"users.zip_code": 3}, history_length=20,
+                                                   label_min_rating=4.0))
+    with pytest.raises(FeatureConfigMismatchError) as err:
+        check_feature_settings(str(tmp_path), "p1", parent)
+    assert isinstance(err.value, TowerlakeError)
+    assert str(err.value).startswith(
+        "the fine-tune of p1 uses feature settings that differ from the full build's (features/config v0) in 2 "
+        "field(s): history_length (saved 50, the fine-tune of p1 20), label_min_rating (saved None, the fine-tune "
+        "of p1 4.0).")
+    assert "the parent was trained on pairs of features/config v0, the window's pairs come from v2" in str(err.value)
+    with pytest.raises(FeatureConfigMismatchError, match="parent model p0 records no feature settings"):
+        check_feature_settings(str(tmp_path), "p0", {"table_versions": {"pairs/train": 1}})

@@ -17,7 +17,8 @@ from typing import Literal
 
 import pyarrow.compute as pc
 
-from lake_contract.delta_snapshot import read_snapshot_arrow, resolve_snapshot
+from lake_contract.delta_snapshot import read_snapshot_arrow, resolve_snapshot, table_version
+from lake_contract.feature_config import FEATURE_CONFIG_TABLE
 from lake_contract.lake import Lake
 from lake_contract.vocab_registry import read_vocab_info
 
@@ -119,6 +120,11 @@ def load_feature_schema(lake_root: str, pairs_columns: list[str], item_exclude: 
     users = read_vocab_info(lake.root, "user_id", versions_in.get("vocab/user_id"))
     items = read_vocab_info(lake.root, "item_id", versions_in.get("vocab/item_id"))
     versions["vocab/user_id"], versions["vocab/item_id"] = users.version, items.version
+    # The feature settings the pairs were built with (lake_contract.feature_config): pinned so
+    # that a fine-tune can refuse pairs built with other settings than its parent's.
+    settings = versions_in.get(FEATURE_CONFIG_TABLE, table_version(lake.table(FEATURE_CONFIG_TABLE)))
+    if settings is not None:
+        versions[FEATURE_CONFIG_TABLE] = settings
     # The primary category (for the category alignment loss) needs no embedding table, only
     # the size of its index space: max index + 1 over the catalog (catalog-sized column).
     num_categories = 1

@@ -5,6 +5,11 @@
   release's own ``model/`` copy when that version was pruned from ``models/``).
 * **Config**: the parent's ``TrainConfig`` with the command's overrides; the towers
   (``model.*``) cannot change, since the weights are the parent's.
+* **Feature settings**: the window's pairs come from the incremental build, which uses the
+  settings the last full build saved in ``features/config``; the parent was trained on pairs
+  of the settings its manifest pins (``table_versions["features/config"]``). When the two
+  differ (a full build with other settings ran since), the fine-tune is refused, naming the
+  fields (``check_feature_settings``): train a full model on the new settings instead.
 * **What trains** (``trainable``): ``embeddings`` (default) updates only the embedding tables
   (ids, DAT vectors, categorical / multi-valued / bucket fields); the MLPs, the history
   attention and the temperature stay the parent's. A fresh Adam's first steps move every
@@ -36,6 +41,13 @@ from torch import nn
 
 from lake_contract.delta_snapshot import DeltaSnapshot, resolve_snapshot, snapshot_file_path, table_exists
 from lake_contract.errors import BadInputError
+from lake_contract.feature_config import (
+    FEATURE_CONFIG_TABLE,
+    FeatureConfigMismatchError,
+    load_saved_feature_config,
+    require_same_feature_config,
+    require_saved_feature_config,
+)
 from lake_contract.lake import Lake
 from lake_contract.run_ledger import completed_windows
 from trainer.artifacts import (
@@ -99,6 +111,26 @@ def finetune_config(parent: TrainConfig, overrides: dict) -> TrainConfig:
         raise ValueError(f"a fine-tune keeps the parent's towers, but the overrides change model.{', model.'.join(changed)}"
                          "; retrain from scratch with --mode full to change the model")
     return config
+
+
+def check_feature_settings(lake_root: str, parent_version: str, parent_manifest: dict) -> None:
+    """Refuse (``FeatureConfigMismatchError``, fields named) a fine-tune whose pairs were built
+    with other feature settings than the parent's training pairs; also when the parent names
+    none (trained before settings were saved), since then they cannot be compared."""
+    what = f"the fine-tune of {parent_version}"
+    current = require_saved_feature_config(lake_root, what)
+    pinned = (parent_manifest.get("table_versions") or {}).get(FEATURE_CONFIG_TABLE)
+    if pinned is None:
+        raise FeatureConfigMismatchError(
+            f"parent model {parent_version} records no feature settings ({FEATURE_CONFIG_TABLE} is not in its "
+            "manifest's table_versions: it was trained before full builds saved them), so the window's pairs "
+            "cannot be checked against its own: train a full model (python -m jobs.train) and fine-tune that")
+    if pinned == current.version:
+        return
+    parents = load_saved_feature_config(lake_root, pinned)
+    require_same_feature_config(parents, current.config, what, advice=(
+        f"the parent was trained on pairs of {FEATURE_CONFIG_TABLE} v{pinned}, the window's pairs come from "
+        f"v{current.version}; train a full model on the new settings (python -m jobs.train) and fine-tune that"))
 
 
 @dataclass(frozen=True)
@@ -252,6 +284,7 @@ def prepare_finetune(lake_root: str, window: str, parent_version: str | None, re
     check_shardable(pairs, world_size)
     release = find_release() if parent_version is None and find_release is not None else None
     parent = resolve_parent(lake_root, parent_version, release)
+    check_feature_settings(lake_root, parent.version, parent.loaded.manifest)
     config = finetune_config(parent.loaded.config, overrides)
     lowered_from = None
     if lower_batch:
