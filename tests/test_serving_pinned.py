@@ -163,6 +163,23 @@ def test_build_index_for_the_first_model_reads_its_own_tables(two_builds):
     assert ids.to_pylist() == ids0.to_pylist()
 
 
+def test_growing_the_first_model_onto_moved_boundaries_is_refused(two_builds):
+    """grown_to compares sizes only; equal sizes with moved boundaries must not warm-start."""
+    from lake_contract.delta_snapshot import table_version
+    from trainer.artifacts import load_model_dir
+    from trainer.growth import check_bucket_boundaries
+
+    lake, loaded = two_builds["lake"], load_model_dir(two_builds["model_dir"])
+    parent = loaded.manifest["table_versions"]
+    now = {"features/spec": table_version(lake.table("features/spec"))}
+    first, second = two_builds["boundaries"]
+    with pytest.raises(ValueError, match=rf"bucket boundaries of \['age_bucket'\] moved between features/spec@v"
+                                         rf"{parent['features/spec']} \(the parent's\) and @v{now['features/spec']}"):
+        check_bucket_boundaries(lake.root, parent, now, loaded.schema)
+    check_bucket_boundaries(lake.root, parent, dict(parent), loaded.schema)  # same version: nothing to check
+    assert len(first) == len(second)  # the sizes alone would not have shown it
+
+
 def _copy_model(two_builds, version: str, edit) -> Path:
     source = two_builds["model_dir"]
     target = source.parent / version
