@@ -183,3 +183,40 @@ def test_recommend_hit_rate_on_held_out_events_agrees_with_the_evaluator(ml_lake
         print(f"\nHR@{k} on {n} held-out last events: recommend {served:.4f}, jobs.evaluate {p:.4f}, "
               f"|diff| {abs(served - p):.4f}, one SE {se:.4f}")
         assert abs(served - p) <= se, (k, served, p, se)
+
+
+def test_multi_valued_user_fields_are_padded_alike_in_training_and_evaluation(tmp_path):
+    """The Petastorm training path pads a multi-valued user field to the contract's width,
+    exactly as the evaluation path (and serving) do: same (rows, 16) values per row."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from lake_contract.delta_snapshot import resolve_snapshot
+    from lake_contract.feature_contract import MULTI_VALUED_WIDTH
+    from trainer.data import LoaderSettings, iter_eval_batches, train_batches
+    from trainer.distributed import DistContext
+    from trainer.feature_schema import FeatureSchema, FieldSpec
+
+    rows = 40
+    tags = [list(range(1, 1 + n % 20)) for n in range(rows)]  # 0 to 19 tags: some beyond the width
+    tags[3] = None
+    write_deltalake(str(tmp_path / "pairs"), pa.table({
+        "user_idx": pa.array(np.arange(1, rows + 1), pa.int32()),
+        "item_idx": pa.array(np.arange(rows) % 9 + 1, pa.int32()),
+        "hist": pa.array([[1, 2, 0]] * rows, pa.list_(pa.int32())),
+        "tags_idx": pa.array(tags, pa.list_(pa.int32())),
+        "seen_items": pa.array([[1, 2]] * rows, pa.list_(pa.int32())),
+    }))
+    schema = FeatureSchema(num_users=rows + 1, num_items=10, num_categories=1, history_length=3,
+                           user_fields=(FieldSpec("tags_idx", "multi_valued", 20),), item_fields=(),
+                           table_versions={})
+    snapshot = resolve_snapshot(str(tmp_path / "pairs"))
+    expected = {u + 1: ((t or []) + [0] * MULTI_VALUED_WIDTH)[:MULTI_VALUED_WIDTH] for u, t in enumerate(tags)}
+    settings = LoaderSettings(batch_size=rows, workers=1, shuffle_buffer=0, seed=0)
+    with train_batches(snapshot, schema, DistContext(), settings, epoch=0) as batches:
+        trained = list(batches)
+    assert len(trained) == 1 and trained[0]["tags_idx"].shape == (rows, MULTI_VALUED_WIDTH)
+    assert {int(u): t.tolist() for u, t in zip(trained[0]["user_idx"], trained[0]["tags_idx"], strict=True)} == expected
+    (evaluated,) = list(iter_eval_batches(snapshot, schema))
+    assert {int(u): t.tolist() for u, t in zip(evaluated.users["user_idx"], evaluated.users["tags_idx"],
+                                               strict=True)} == expected
