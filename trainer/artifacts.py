@@ -41,11 +41,6 @@ class ModelDataError(TowerlakeError):
     """A model's manifest does not name, or the lake no longer holds, a table version it needs."""
 
 
-SERVING_TABLES = ("features/spec", "features/users", "features/items")
-"""Tables serving and indexing read at the version the model recorded (bucket boundaries,
-user and item feature indices as the towers saw them), never at the newest version."""
-
-
 def new_model_version() -> str:
     """Sortable, unique: ``20261123T101500Z-1a2b3c``."""
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
