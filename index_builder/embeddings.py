@@ -38,6 +38,7 @@ from lake_contract.delta_snapshot import (
     resolve_snapshot,
     snapshot_file_path,
 )
+from lake_contract.feature_contract import known_history
 from lake_contract.lake import Lake
 from trainer.data import iter_eval_batches
 from trainer.feature_schema import MULTI_VALUED_WIDTH, FeatureSchema
@@ -205,6 +206,8 @@ def embed_user_queries(model: nn.Module, snapshot: DeltaSnapshot, schema: Featur
     for batch in iter_eval_batches(snapshot, schema):
         users = {name: values.to(device) for name, values in batch.users.items()}
         users["user_idx"] = torch.where(users["user_idx"] < schema.num_users, users["user_idx"], 0)
+        # Items newer than the model: dropped and the history re-packed (the feature contract).
+        users["hist"] = torch.from_numpy(known_history(users["hist"].cpu().numpy(), schema.num_items)).to(device)
         vectors = model.embed_users(users).float().cpu().numpy()
         if max_rows is not None:
             vectors = vectors[: max_rows - total]

@@ -178,9 +178,7 @@ def build_item_index(lake_root: str, model_version: str, index_version: str, con
     """
     from index_builder.embeddings import EMBEDDING_BATCH_ROWS, embed_user_queries, write_item_embeddings
     from index_builder.faiss_index import build_index, save_index, tune_nprobe
-    from lake_contract.delta_snapshot import resolve_snapshot
-    from trainer.artifacts import load_model_dir, model_path
-    from trainer.data import resolve_pairs
+    from trainer.artifacts import load_model_dir, model_path, model_snapshot
 
     lake = Lake(lake_root)
     root = index_root(lake.root)
@@ -197,8 +195,10 @@ def build_item_index(lake_root: str, model_version: str, index_version: str, con
     started = time.monotonic()
     device = resolve_torch_device(config.use_gpu)
     loaded = load_model_dir(model_path(lake.root, model_version), device=device)
-    items = resolve_snapshot(lake.table("features/items"))
-    valid = resolve_pairs(lake.root, "valid")
+    # The model's own data: items and tuning queries at the versions its manifest records
+    # (a newer feature build may have moved bucket boundaries the towers never saw).
+    items = model_snapshot(lake.root, loaded, "features/items")
+    valid = model_snapshot(lake.root, loaded, "pairs/valid")
     read = {"features/items": items.version, "pairs/valid": valid.version}
     say(f"  read: model {model_version} on {device}; features/items@v{items.version}, "
         f"pairs/valid@v{valid.version} ({valid.num_rows if valid.num_rows is not None else '?'} rows)")

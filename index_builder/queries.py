@@ -1,23 +1,25 @@
 """User queries: the user tower's inputs for a batch of user ids, built from the lake.
 
 ``UserQueryBuilder`` turns original ``user_id`` strings into the user tower's inputs exactly
-as the pairs tables fed them in training, but as of NOW (the latest table versions, pinned
-when the builder is made):
+as the pairs tables fed them in training, by the rules of ``lake_contract.feature_contract``
+(the same definitions Spark applies to build the pairs), as of now or as of a given time:
 
 * ``user_idx`` from ``vocab/user_id`` (0 when the id is not there);
-* static user features from ``features/users`` (the ``schema.user_fields`` it has);
-* ``prior_events_bucket`` (when the model has it) = the bucket of the user's total number of
-  events, with the boundaries recorded in ``features/spec`` (training buckets the events
-  strictly before each pair; at serving time every event is "before");
-* ``hist`` (B, N): the N most recent items of ``bronze/interactions`` (ties: later
-  ``event_ts`` first, then the larger ``item_idx``), mapped through ``vocab/item_id``,
-  0-padded, N = ``schema.history_length``;
+* static user features from ``features/users`` (the ``schema.user_fields`` it has), at the
+  version the served model was trained on when the caller pins it (``Retriever`` does);
+* ``prior_events_bucket`` (when the model has it) = ``bucket_sql`` of the user's number of
+  events strictly before ``as_of`` (every event when serving now), with the boundaries
+  recorded in ``features/spec``;
+* ``hist`` (B, N): the N most recent items of ``bronze/interactions`` strictly before
+  ``as_of`` (ties: later ``event_ts`` first, then the larger ``item_idx``), mapped through
+  ``vocab/item_id``, 0-padded, N = ``schema.history_length``;
 * ``seen``: every item index the user interacted with (excluded from recommendations).
 
-Events whose item is not in ``vocab/item_id`` are ignored (the feature build drops them
-too). Indices beyond the model's embedding tables (ids added to a vocabulary after the model
-was trained) become 0 = unknown, so a new item in a history or a user added since training
-never breaks the tower; such a user is still served from their history and features.
+Events whose item is not in ``vocab/item_id`` are dropped (the feature build drops them
+too), and so are items beyond the model's embedding table (ids added after the model was
+trained): the history is re-packed from the remaining items, never left with a 0 gap. A
+user index beyond the model's table becomes 0 = unknown; such a user is still served from
+their history and features.
 
 All of that is ONE DuckDB query per batch of users over the snapshots' Parquet file lists,
 filtered to the batch's users inside the query (a window-free ordered list aggregation): no
@@ -28,8 +30,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -37,28 +40,26 @@ import pyarrow as pa
 
 from lake_contract.delta_snapshot import DeltaSnapshot, read_snapshot_arrow, resolve_snapshot, table_exists
 from lake_contract.errors import BadInputError
-from lake_contract.feature_config import ACTIVITY_BOUNDARIES
+from lake_contract.feature_contract import (
+    ACTIVITY_BOUNDARIES,
+    MULTI_VALUED_WIDTH,
+    PRIOR_EVENTS_FIELD,
+    UNKNOWN_INDEX,
+    bucket_sql,
+    history_order_sql,
+)
 from lake_contract.lake import BRONZE_INTERACTIONS, Lake
 from lake_contract.vocab_registry import vocab_table
-from trainer.feature_schema import MULTI_VALUED_WIDTH, FeatureSchema
+from trainer.feature_schema import FeatureSchema
 from trainer.item_store import pad_list_array
 
 log = logging.getLogger(__name__)
 
-PRIOR_EVENTS_FIELD = "prior_events_bucket"
 DEFAULT_BATCH_USERS = 4096
 
 
 # ---------------------------------------------------------------------------------------------
 # user queries
-
-
-def bucketize_counts(counts: np.ndarray, boundaries: Sequence[float]) -> np.ndarray:
-    """``spark_features.features.bucketize`` for non-null counts: 1 + number of boundaries <= x.
-
-    counts: (B,) int64 -> (B,) int64."""
-    return np.searchsorted(np.asarray(sorted(boundaries), dtype=np.float64), counts.astype(np.float64),
-                           side="right").astype(np.int64) + 1
 
 
 @dataclass
@@ -108,15 +109,20 @@ class UserQueryBuilder:
     """Builds ``UserQueries`` for batches of user ids from one pinned set of table versions.
 
     lake_root: the lake; schema: the served model's ``FeatureSchema`` (which user fields, N,
-    embedding table sizes). The latest versions of vocab/user_id, vocab/item_id,
-    features/users, features/spec and bronze/interactions are pinned at construction
+    embedding table sizes). ``pinned``: exact snapshots to read instead of the newest version,
+    by table (the served model's ``features/users`` and ``features/spec``:
+    ``trainer.artifacts.model_snapshot``), so the towers see the feature indices and bucket
+    boundaries they were trained on. Every other table (vocab/user_id, vocab/item_id,
+    bronze/interactions) is pinned at its latest version at construction
     (``table_versions``); make a new builder to see newer data."""
 
-    def __init__(self, lake_root: str, schema: FeatureSchema, threads: int = 2) -> None:
+    def __init__(self, lake_root: str, schema: FeatureSchema, threads: int = 2,
+                 pinned: Mapping[str, DeltaSnapshot] | None = None) -> None:
         import duckdb
 
         self.lake = Lake(str(lake_root))
         self.schema = schema
+        self.pinned = dict(pinned or {})
         self.table_versions: dict[str, int] = {}
         self._con = duckdb.connect(config={"threads": threads})
         self._create_view("user_vocab", vocab_table("user_id"), {"value": "value", "idx": "index"})
@@ -138,21 +144,28 @@ class UserQueryBuilder:
 
     # -- setup
 
-    def _columns(self, relative: str) -> set[str]:
+    def _snapshot(self, relative: str) -> DeltaSnapshot | None:
+        """The pinned snapshot of ``relative``, else its latest; None when there is no table."""
+        if relative in self.pinned:
+            return self.pinned[relative]
         uri = self.lake.table(relative)
-        return set(snapshot_column_names(resolve_snapshot(uri))) if table_exists(uri) else set()
+        return resolve_snapshot(uri) if table_exists(uri) else None
+
+    def _columns(self, relative: str) -> set[str]:
+        snapshot = self._snapshot(relative)
+        return set(snapshot_column_names(snapshot)) if snapshot is not None else set()
 
     def _create_view(self, view: str, relative: str, columns: dict[str, str], optional: bool = False) -> None:
         """``view`` over the latest snapshot of ``relative``: ``{alias: source column}``."""
         uri = self.lake.table(relative)
-        if not table_exists(uri):
+        snapshot = self._snapshot(relative)
+        if snapshot is None:
             if not optional:
                 raise BadInputError(f"no Delta table at {uri}: serving reads it; run jobs.ingest and "
                                     "jobs.build_features on this lake first")
             select = ", ".join(f"CAST(NULL AS BIGINT) AS {_ident(a)}" for a in columns)
             self._con.execute(f"CREATE VIEW {view} AS SELECT {select} WHERE false")
             return
-        snapshot = resolve_snapshot(uri)
         self.table_versions[relative] = snapshot.version
         absent = [c for c in columns.values() if c not in snapshot_column_names(snapshot)]
         if absent:
@@ -171,9 +184,8 @@ class UserQueryBuilder:
         self._con.execute(f"CREATE VIEW {view} AS SELECT {select} FROM read_parquet({files}, union_by_name=true)")
 
     def _activity_boundaries(self) -> tuple[float, ...]:
-        uri = self.lake.table("features/spec")
-        if table_exists(uri):
-            snapshot = resolve_snapshot(uri)
+        snapshot = self._snapshot("features/spec")
+        if snapshot is not None:
             self.table_versions["features/spec"] = snapshot.version
             rows = read_snapshot_arrow(snapshot, ["table", "feature", "boundaries"]).to_pylist()
             for row in rows:
@@ -183,33 +195,55 @@ class UserQueryBuilder:
 
     # -- queries
 
-    def build(self, user_ids: Sequence[str]) -> UserQueries:
-        """Inputs for ``user_ids`` (any number; one query). Duplicates are answered twice."""
+    def build(self, user_ids: Sequence[str], as_of: datetime | Sequence[datetime | None] | None = None
+              ) -> UserQueries:
+        """Inputs for ``user_ids`` (any number; one query). Duplicates are answered twice.
+
+        ``as_of``: None (every event: serving now), one time for all users, or one per user
+        (None = every event): only events STRICTLY before it count (history, prior events,
+        seen items), as a training pair built at that event time saw them
+        (``lake_contract.feature_contract``). Times must be timezone-aware."""
         import torch
 
         ids = [str(u) for u in user_ids]
         n_hist = int(self.schema.history_length)
-        asked = pa.table({"pos": pa.array(np.arange(len(ids)), pa.int64()), "user_id": pa.array(ids, pa.string())})
+        if as_of is None or isinstance(as_of, datetime):
+            as_of = [as_of] * len(ids)
+        as_of = list(as_of)
+        if len(as_of) != len(ids):
+            raise ValueError(f"as_of must be one time or one per user ({len(ids)}), got {len(as_of)}")
+        naive = [t for t in as_of if t is not None and t.tzinfo is None]
+        if naive:
+            raise ValueError(f"as_of times must be timezone-aware (UTC), got {naive[0]!r}")
+        asked = pa.table({"pos": pa.array(np.arange(len(ids)), pa.int64()), "user_id": pa.array(ids, pa.string()),
+                          "as_of": pa.array(as_of, pa.timestamp("us", tz="UTC"))})
         feature_cols = "".join(f", uf.{_ident(f.name)}" for f in self.static_fields)
+        prior_bucket = bucket_sql("coalesce(p.n_events, 0)", self.activity_boundaries)
         self._con.register("asked", asked)
         try:
+            # Items the model's tables do not hold are dropped from the history BEFORE the
+            # last N are taken (re-packed, never a 0 between items), as the contract says.
             table = _arrow(self._con.execute(f"""
                 WITH ev AS (
-                    SELECT e.user_id, iv.idx AS item_idx, e.event_ts
-                    FROM events e JOIN item_vocab iv ON e.item_id = iv.value
-                    WHERE e.user_id IN (SELECT user_id FROM asked)
+                    SELECT a.pos, iv.idx AS item_idx, e.event_ts
+                    FROM asked a
+                    JOIN events e ON e.user_id = a.user_id
+                    JOIN item_vocab iv ON e.item_id = iv.value
+                    WHERE iv.idx > {UNKNOWN_INDEX} AND (a.as_of IS NULL OR e.event_ts < a.as_of)
                 ),
-                per_user AS (
-                    SELECT user_id, count(*) AS n_events,
-                           list(item_idx ORDER BY event_ts DESC, item_idx DESC)[1:{n_hist}] AS hist,
+                per_pos AS (
+                    SELECT pos, count(*) AS n_events,
+                           (list(item_idx ORDER BY {history_order_sql()})
+                              FILTER (WHERE item_idx < {int(self.schema.num_items)}))[1:{n_hist}] AS hist,
                            list_sort(list_distinct(list(item_idx))) AS seen
-                    FROM ev GROUP BY user_id
+                    FROM ev GROUP BY pos
                 )
                 SELECT a.pos, coalesce(uv.idx, 0)::BIGINT AS user_idx,
-                       coalesce(p.n_events, 0)::BIGINT AS n_events, p.hist, p.seen{feature_cols}
+                       coalesce(p.n_events, 0)::BIGINT AS n_events, {prior_bucket} AS prior_events_bucket,
+                       p.hist, p.seen{feature_cols}
                 FROM asked a
                 LEFT JOIN user_vocab uv ON a.user_id = uv.value
-                LEFT JOIN per_user p ON a.user_id = p.user_id
+                LEFT JOIN per_pos p ON a.pos = p.pos
                 LEFT JOIN user_features uf ON uf.user_idx = uv.idx
                 ORDER BY a.pos
             """).arrow())
@@ -222,12 +256,11 @@ class UserQueryBuilder:
         n_events = np.asarray(table.column("n_events").to_numpy(), dtype=np.int64)
         known = user_idx > 0
         hist = pad_list_array(table.column("hist"), n_hist)
-        hist[hist >= self.schema.num_items] = 0  # items newer than the model: unknown
         tower_idx = np.where(user_idx < self.schema.num_users, user_idx, 0)
         inputs = {"user_idx": tower_idx, "hist": hist}
         for spec in self.schema.user_fields:
             if spec.name == PRIOR_EVENTS_FIELD:
-                values = bucketize_counts(n_events, self.activity_boundaries)
+                values = np.asarray(table.column("prior_events_bucket").to_numpy(), dtype=np.int64)
             elif spec in self.static_fields:
                 column = table.column(spec.name)
                 if spec.kind == "multi_valued":

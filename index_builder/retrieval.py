@@ -1,5 +1,10 @@
 """Retrieval over the CURRENT release: user queries from the lake as of now, FAISS top-K.
 
+Feature tables (features/users, features/items, features/spec) are read at the versions
+the release's model recorded in its manifest (``trainer.artifacts.model_snapshot``), so a
+newer feature build (moved bucket boundaries, a gate-blocked nightly) never changes what
+the served towers see; events and vocabularies are the newest (histories as of now).
+
 The serving wrapper imports the towers and a checkpoint loader, never the optimiser or the
 loss; user queries come from ``index_builder.queries``.
 
@@ -31,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from index_builder.queries import UserQueries, UserQueryBuilder, snapshot_column_names
+from index_builder.queries import PRIOR_EVENTS_FIELD, UserQueries, UserQueryBuilder, snapshot_column_names
 from lake_contract.delta_snapshot import read_snapshot_arrow, resolve_snapshot, table_exists
 from lake_contract.errors import BadInputError, TowerlakeError
 from lake_contract.lake import BRONZE_ITEMS, Lake
@@ -110,7 +115,7 @@ class Retriever:
                  max_extra: int = MAX_EXTRA_CANDIDATES) -> None:
         from index_builder.faiss_index import load_index
         from index_builder.release import current_release, load_release
-        from trainer.artifacts import load_model_dir
+        from trainer.artifacts import load_model_dir, model_snapshot
 
         self.lake = Lake(str(lake_root))
         info = current_release(self.lake.root)
@@ -120,6 +125,12 @@ class Retriever:
         self.device = device
         self.max_extra = max_extra
         self.loaded = load_model_dir(self.release.artifact("model"), device=device)
+        # The feature tables at the versions the model was trained on (bucket boundaries and
+        # indices as its towers saw them), not the newest build's: refused when unavailable.
+        pinned = ["features/users", "features/items"]
+        if any(f.name == PRIOR_EVENTS_FIELD for f in self.loaded.schema.user_fields):
+            pinned.append("features/spec")
+        self.model_tables = {t: model_snapshot(self.lake.root, self.loaded, t) for t in pinned}
         index_dir = Path(self.release.artifact("index"))
         self.index = load_index(index_dir)
         index_manifest_path = index_dir / "manifest.json"
@@ -127,7 +138,7 @@ class Retriever:
         nprobe = self.index_manifest.get("nprobe") or self.index.nprobe
         self.nprobe = int(min(max(int(nprobe), 1), self.index.nlist))
         self._load_catalog(index_dir / "id_map.parquet")
-        self.queries = UserQueryBuilder(self.lake.root, self.loaded.schema)
+        self.queries = UserQueryBuilder(self.lake.root, self.loaded.schema, pinned=self.model_tables)
 
     def _load_catalog(self, id_map_path: Path) -> None:
         """Id map (item_idx -> row), titles, and the popularity order for the fallback."""
@@ -149,7 +160,7 @@ class Retriever:
                 self.titles = pc.take(bronze.column("title").combine_chunks(), where)
                 self.title_source = f"{BRONZE_ITEMS}@v{snapshot.version}"
         # Popularity: features/items.n_positives over the served catalog, most popular first.
-        items = resolve_snapshot(self.lake.table("features/items"))
+        items = self.model_tables["features/items"]
         pop = read_snapshot_arrow(items, ["item_idx", "n_positives"])
         pop_idx = np.asarray(pop.column("item_idx").to_numpy(), dtype=np.int64)
         pop_n = np.asarray(pop.column("n_positives").fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
@@ -172,7 +183,7 @@ class Retriever:
             "recall": self.index_manifest.get("recall"),
             "recall_k": self.index_manifest.get("recall_k") or self.index_manifest.get("k"),
             "items": self.index.ntotal,
-            "tables": dict(self.queries.table_versions),
+            "tables": {**self.queries.table_versions, **{t: s.version for t, s in self.model_tables.items()}},
         }
 
     def summary_line(self) -> str:
@@ -239,12 +250,13 @@ class Retriever:
         out[r, np.cumsum(keep, axis=1)[r, c] - 1] = candidates[r, c]
         return out, count
 
-    def recommend(self, user_ids: Sequence[str], k: int) -> Recommendations:
-        """Top-``k`` unseen items for each of ``user_ids`` (one batch: the caller batches)."""
+    def recommend(self, user_ids: Sequence[str], k: int, as_of=None) -> Recommendations:
+        """Top-``k`` unseen items for each of ``user_ids`` (one batch: the caller batches).
+        ``as_of``: see ``UserQueryBuilder.build`` (None: every event, i.e. now)."""
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= self.index.ntotal:
             raise ValueError(f"k must be an int in [1, {self.index.ntotal}] (items in the release), got {k!r}")
         k = int(k)
-        queries = self.queries.build(user_ids)
+        queries = self.queries.build(user_ids, as_of=as_of)
         rows = len(queries.user_ids)
         ids = np.full((rows, k), -1, dtype=np.int64)
         scores = np.full((rows, k), np.nan, dtype=np.float32)

@@ -1,6 +1,7 @@
 """Embed every item with a model version, build its FAISS IVF index and tune nprobe.
 
-Reads models/<version>, features/items and pairs/valid; writes the model's partition of
+Reads models/<version>, and features/items and pairs/valid at the versions that model's
+manifest records (refused when the lake no longer holds them); writes the model's partition of
 embeddings/items (replaced on a re-run) and index/<index version>/ (index.faiss, index.json,
 id_map.parquet, manifest.json), assembled in a staging folder and renamed into place. nprobe
 is the smallest value whose recall@K against exact search, measured on user-tower vectors of

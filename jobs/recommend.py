@@ -1,8 +1,10 @@
 """Recommend items with the CURRENT release: top-K unseen items for users, with titles and scores.
 
 Reads releases/CURRENT (model + FAISS index + id map), builds each user's query from the
-lake as of now (features/users, the most recent items of bronze/interactions, the activity
-bucket), searches at the release's tuned nprobe and drops items the user already
+lake as of now (the most recent items of bronze/interactions, the activity bucket) with the
+user features of features/users at the version the model was trained on (features/users,
+features/items and features/spec are read at the model manifest's versions; refused with
+the model and table named when the lake no longer holds them), searches at the release's tuned nprobe and drops items the user already
 interacted with. A user not in vocab/user_id gets the most popular items they have not
 interacted with (score NaN) and a note saying so. Scores are cosine similarities.
 

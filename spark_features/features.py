@@ -15,8 +15,9 @@ training positives (the sampling probability used by logQ correction; items with
 training positive get half a positive, so log_q is finite).
 
 Buckets: numeric attributes use quantile boundaries computed once per full build and stored
-in ``features/spec``; activity/recency use the fixed log-scale boundaries in
-``feature_config``. Bucket 0 means null/unknown; values get 1 + (number of boundaries <= x).
+in ``features/spec``; activity/recency use the fixed log-scale boundaries. Bucket 0 means
+null/unknown; values get 1 + (number of boundaries <= x). Every rule (buckets, prefixes,
+history) is ``lake_contract.feature_contract``'s, which serving applies too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from lake_contract.feature_config import ACTIVITY_BOUNDARIES, RECENCY_DAY_BOUNDARIES
+from lake_contract.feature_contract import (
+    ACTIVITY_BOUNDARIES,
+    RECENCY_DAY_BOUNDARIES,
+    bucket_sql,
+    prefix_column,
+    prefix_sql,
+)
 
 FEATURE_SPEC_SCHEMA = T.StructType([
     T.StructField("table", T.StringType(), False),
@@ -51,15 +58,17 @@ class FeatureColumn:
     boundaries: tuple[float, ...] | None = None
 
 
-def bucketize(col: Column, boundaries: tuple[float, ...] | list[float]) -> Column:
-    """0 for null, else 1 + the number of boundaries <= x (int)."""
-    if not boundaries:
-        return F.when(col.isNull(), F.lit(0)).otherwise(F.lit(1))
-    # A sum of comparisons with literals compiles to plain code (a filter lambda over an
-    # array would be interpreted per row); Spark orders NaN above every number either way.
-    x = col.cast("double")
-    at_or_above = [F.when(x >= F.lit(float(b)), 1).otherwise(0) for b in boundaries]
-    return F.when(col.isNull(), F.lit(0)).otherwise((sum(at_or_above[1:], at_or_above[0]) + 1).cast("int"))
+def spark_ident(column: str) -> str:
+    """A column name quoted for Spark SQL text."""
+    return "`" + column.replace("`", "``") + "`"
+
+
+def bucketize(column: str, boundaries: tuple[float, ...] | list[float]) -> Column:
+    """The contract's bucket of the column named ``column`` (``feature_contract.bucket_sql``:
+    0 for null, else 1 + the number of boundaries <= x, int). The same SQL text runs in the
+    serving query. A sum of comparisons with literals compiles to plain code (a filter lambda
+    over an array would be interpreted per row)."""
+    return F.expr(bucket_sql(spark_ident(column), boundaries))
 
 
 def quantile_boundaries(df: DataFrame, column: str, n_buckets: int) -> tuple[float, ...]:
@@ -89,7 +98,7 @@ def plan_feature_columns(table: str, roles: dict[str, str], prefixes: dict[str, 
         if tab == table:
             if column not in roles:
                 raise ValueError(f"prefix column {key!r}: bronze {table} has no column {column!r} (has {sorted(roles)})")
-            derived = f"{column}_prefix"
+            derived = prefix_column(column)
             out.append(FeatureColumn(table, derived, f"{derived}_idx", "categorical", vocab_name(table, derived)))
     return out
 
@@ -98,7 +107,7 @@ def with_prefix_columns(df: DataFrame, table: str, prefixes: dict[str, int]) -> 
     for key, length in prefixes.items():
         tab, column = key.split(".", 1)
         if tab == table:
-            df = df.withColumn(f"{column}_prefix", F.substring(F.col(column).cast("string"), 1, length))
+            df = df.withColumn(prefix_column(column), F.expr(prefix_sql(spark_ident(column), length)))
     return df
 
 
@@ -109,10 +118,9 @@ def activity_columns(events: DataFrame, key: str, cutoff_ts: Column) -> DataFram
     """
     agg = events.groupBy(key).agg(F.count(F.lit(1)).alias("n_events"), F.max("event_ts").alias("last_event_ts"))
     recency = (cutoff_ts.cast("double") - F.col("last_event_ts").cast("double")) / 86400.0
-    return agg.select(
-        key, "n_events", bucketize(F.col("n_events"), ACTIVITY_BOUNDARIES).alias("n_events_bucket"),
-        "last_event_ts", recency.alias("recency_days"),
-        bucketize(recency, RECENCY_DAY_BOUNDARIES).alias("recency_bucket"),
+    return agg.withColumn("recency_days", recency).select(
+        key, "n_events", bucketize("n_events", ACTIVITY_BOUNDARIES).alias("n_events_bucket"),
+        "last_event_ts", "recency_days", bucketize("recency_days", RECENCY_DAY_BOUNDARIES).alias("recency_bucket"),
     )
 
 

@@ -17,6 +17,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
+from lake_contract.feature_contract import HISTORY_ORDER
+
 SPLITS = ("train", "valid", "test")
 
 
@@ -48,7 +50,7 @@ def with_history(events: DataFrame, history_length: int, max_ties: int) -> DataF
     """
     n = history_length
     lookback = n + max(max_ties, 1) - 1
-    by_user = Window.partitionBy("user_idx").orderBy("event_ts", "item_idx")
+    by_user = Window.partitionBy("user_idx").orderBy(*HISTORY_ORDER)  # the contract's order and tie rule
     recent = F.collect_list("item_idx").over(by_user.rowsBetween(-lookback, -1))
     prior = F.rank().over(Window.partitionBy("user_idx").orderBy("event_ts")) - 1
     with_window = events.select(

@@ -258,7 +258,7 @@ def pair_rows(positives: DataFrame, user_static: DataFrame, extra: list[str] | N
         "pair_id", "user_idx", "item_idx", "event_ts", "rating", *(extra or []),
         F.lit(1.0).cast("float").alias("label"), F.lit(1.0).cast("float").alias("weight"),
         "hist", "hist_len", "prior_events",
-        bucketize(F.col("prior_events"), ACTIVITY_BOUNDARIES).alias("prior_events_bucket"),
+        bucketize("prior_events", ACTIVITY_BOUNDARIES).alias("prior_events_bucket"),
     ).join(user_static, "user_idx", "left")
 
 
@@ -292,7 +292,7 @@ def entity_features(frame, id_col, idx_col, id_vocab, cols: list[FeatureColumn],
         elif col.kind == "multi_valued":
             out = index_array_column(out, col.column, vocab_frames[col.vocab], col.feature)
         else:
-            out = out.withColumn(col.feature, bucketize(F.col(col.column), boundaries[f"{col.table}.{col.column}"]))
+            out = out.withColumn(col.feature, bucketize(col.column, boundaries[f"{col.table}.{col.column}"]))
         keep.append(col.feature)
     return out.where(F.col(idx_col) > 0).select(*keep)
 
@@ -329,7 +329,7 @@ def item_feature_rows(item_attrs: DataFrame, events: DataFrame, counted_positive
     return (
         item_attrs.join(item_events, "item_idx", "left").join(item_pos, "item_idx", "left")
         .fillna(0, ["n_events", "n_positives"])
-        .withColumn("popularity_bucket", bucketize(F.col("n_events"), ACTIVITY_BOUNDARIES))
+        .withColumn("popularity_bucket", bucketize("n_events", ACTIVITY_BOUNDARIES))
         .withColumn("primary_category_idx", primary)
         .withColumn("log_q", log_q_column(F.col("n_positives"), total_positives))
     )

@@ -24,7 +24,7 @@ import torch
 from deltalake import write_deltalake
 
 from index_builder.faiss_index import IndexConfig, build_index, save_index
-from index_builder.queries import UserQueryBuilder, bucketize_counts
+from index_builder.queries import UserQueryBuilder
 from index_builder.release import publish_release
 from index_builder.release_negatives import mine_release_negatives, ranked_slice
 from index_builder.retrieval import NO_RELEASE_MESSAGE, NoReleaseError, Retriever, csr_rows, drop_seen_top_k
@@ -112,11 +112,17 @@ def test_drop_seen_top_k_literal_rows():
     assert sub_offsets.tolist() == [0, 3, 5] and sub_values.tolist() == [7, 8, 9, 1, 2]
 
 
-def test_bucketize_counts_matches_feature_rule():
-    counts = np.array([0, 1, 3, 4, 1000], dtype=np.int64)
-    expected = [1 + sum(b <= c for b in ACTIVITY_BOUNDARIES) for c in counts]
-    assert bucketize_counts(counts, ACTIVITY_BOUNDARIES).tolist() == expected == [1, 2, 3, 4, 11]
+def test_bucket_sql_is_the_feature_rule_in_duckdb():
+    import duckdb
 
+    from lake_contract.feature_contract import bucket_sql
+
+    counts = [0, 1, 3, 4, 1000, None]
+    expected = [1 + sum(b <= c for b in ACTIVITY_BOUNDARIES) if c is not None else 0 for c in counts]
+    got = duckdb.sql(f"SELECT {bucket_sql('x', ACTIVITY_BOUNDARIES)} AS b FROM "
+                     "(SELECT unnest([0, 1, 3, 4, 1000, NULL]) AS x, generate_subscripts([0, 1, 3, 4, 1000, NULL], 1) "
+                     "AS i) ORDER BY i").fetchall()
+    assert [r[0] for r in got] == expected == [1, 2, 3, 4, 11, 0]
 
 # ---------------------------------------------------------------------------------------------
 # queries

@@ -156,7 +156,7 @@ def test_config_validation_names_the_field():
 def test_offline_negatives_transform_keeps_the_asked_kinds_and_pads():
     import pandas as pd
 
-    from trainer.data import _negatives_transform
+    from trainer.data import _pairs_transform
 
     frame = pd.DataFrame({
         "user_idx": [1, 2, 3],
@@ -164,11 +164,12 @@ def test_offline_negatives_transform_keeps_the_asked_kinds_and_pads():
         "neg_kind": [np.array(["random", "hard", "random"]), np.array([], dtype=object),
                      np.array(["popularity", "random", "random", "random"])],
     })
-    spec = _negatives_transform(2, ("random",))
+    assert _pairs_transform(tiny_schema(), 0, None) is None  # no negatives, no multi-valued user field
+    spec = _pairs_transform(tiny_schema(), 2, ("random",))
     out = spec.func(frame.copy())
     assert list(out.columns) == ["user_idx", "neg_item_idx"]
     np.testing.assert_array_equal(np.stack(out["neg_item_idx"].to_list()), [[5, 7], [0, 0], [9, 10]])
-    every = _negatives_transform(3, None).func(frame.copy())
+    every = _pairs_transform(tiny_schema(), 3, None).func(frame.copy())
     np.testing.assert_array_equal(np.stack(every["neg_item_idx"].to_list()), [[5, 6, 7], [0, 0, 0], [8, 9, 10]])
 
 

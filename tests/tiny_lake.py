@@ -195,8 +195,8 @@ def save_tiny_model(root: str | Path, version: str, seed: int = 0, parent: str |
                            negatives_width=0)
     metrics = {"valid": json.loads(json.dumps(valid)), "test": json.loads(json.dumps(valid))}
     metrics["valid"]["model"].update(valid_overrides or {})
-    versions = {t: table_version(lake.table(t)) for t in ("features/items", "pairs/valid", "vocab/item_id",
-                                                          "vocab/user_id")}
+    versions = {t: table_version(lake.table(t)) for t in ("features/items", "features/users", "pairs/valid",
+                                                          "vocab/item_id", "vocab/user_id")}
     staged = StagedModel.start(lake.root, version)
     try:
         staged.save_weights({k: v.cpu() for k, v in model.state_dict().items()})

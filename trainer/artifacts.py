@@ -37,6 +37,10 @@ class ModelNotFoundError(TowerlakeError):
     """No model version at the given place."""
 
 
+class ModelDataError(TowerlakeError):
+    """A model's manifest does not name, or the lake no longer holds, a table version it needs."""
+
+
 def new_model_version() -> str:
     """Sortable, unique: ``20261123T101500Z-1a2b3c``."""
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
@@ -139,6 +143,37 @@ class LoadedModel:
     schema: FeatureSchema
     manifest: dict
     metrics: dict
+
+
+def model_snapshot(lake_root: str, loaded: LoadedModel, table: str):
+    """The exact ``DeltaSnapshot`` of ``table`` that ``loaded`` was trained on (its manifest's
+    ``table_versions``), for serving and indexing. Raises ``ModelDataError`` naming the model
+    and the table when the manifest has no version of it (a model trained before serving was
+    pinned) or the lake no longer holds that version or its files (vacuumed, rebuilt)."""
+    from lake_contract.delta_snapshot import resolve_snapshot, snapshot_file_path
+    from lake_contract.errors import TableNotFoundError
+
+    versions = loaded.manifest.get("table_versions") or {}
+    version = versions.get(table)
+    if version is None:
+        raise ModelDataError(
+            f"model {loaded.version} records no version of {table} in its manifest (table_versions has "
+            f"{sorted(versions) or 'nothing'}): serving it would mix its towers with newer feature indices; "
+            "retrain it (python -m jobs.train) so its manifest names the data it was trained on")
+    uri = Lake(lake_root).table(table)
+    try:
+        snapshot = resolve_snapshot(uri, int(version))
+    except TableNotFoundError as err:
+        raise ModelDataError(f"model {loaded.version} was trained on {table}@v{version}, which the lake does not "
+                             f"hold any more ({err}): serve a model trained on the current data (jobs.train, "
+                             "jobs.build_index, jobs.publish) or restore that version") from err
+    local = [snapshot_file_path(f) for f in snapshot.files if f.startswith("file://")]
+    missing = [f for f in local if not os.path.exists(f)]
+    if missing:
+        raise ModelDataError(f"model {loaded.version} was trained on {table}@v{version}, whose data files were "
+                             f"removed ({len(missing)} of {len(snapshot.files)} missing, e.g. {missing[0]}; vacuumed?): "
+                             "serve a model trained on the current data (jobs.train, jobs.build_index, jobs.publish)")
+    return snapshot
 
 
 def model_path(lake_root: str, version: str) -> Path:

@@ -77,13 +77,32 @@ def _batch_from_numpy(columns: dict[str, np.ndarray], schema: FeatureSchema) -> 
     return out
 
 
-def _negatives_transform(width: int, kinds: tuple[str, ...] | None):
-    """Petastorm TransformSpec: keep the offline negatives of ``kinds`` (all when None), pad
-    ``neg_item_idx`` to ``width`` with 0 and drop ``neg_kind`` (variable-length lists cannot be
-    collated). Vectorised over the flattened lists of one row group."""
+def _padded_lists(arrays, width: int) -> np.ndarray:
+    """A column of list cells (numpy arrays, or None for a null list) as a ``(rows, width)``
+    int64 matrix, truncated and 0-padded (``pad_list_array``), vectorised over the flat values."""
+    lengths = np.fromiter((0 if a is None else len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+    present = [np.asarray(a, dtype=np.int64) for a in arrays if a is not None and len(a)]
+    flat = np.concatenate(present) if present else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return pad_list_array(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.int64())), width)
+
+
+def _pairs_transform(schema: FeatureSchema, width: int, kinds: tuple[str, ...] | None):
+    """Petastorm TransformSpec, or None when nothing needs it: every multi-valued user field
+    padded to the feature contract's ``MULTI_VALUED_WIDTH`` (as evaluation and serving pad
+    it; variable-length lists cannot be collated), and, when ``width`` > 0, the offline
+    negatives of ``kinds`` (all when None) padded to ``width`` with 0 and ``neg_kind``
+    dropped. Vectorised over the flattened lists of one row group."""
+    multi_valued = [f.name for f in schema.user_fields if f.kind == "multi_valued"]
+    if not width and not multi_valued:
+        return None
     from petastorm import TransformSpec
 
     def pad(frame):
+        for name in multi_valued:
+            frame[name] = list(_padded_lists(frame[name].to_numpy(), MULTI_VALUED_WIDTH).astype(np.int32))
+        if not width:
+            return frame
         arrays = frame["neg_item_idx"].to_numpy()
         lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
         flat = np.concatenate(arrays).astype(np.int64) if len(arrays) else np.zeros(0, np.int64)
@@ -99,7 +118,10 @@ def _negatives_transform(width: int, kinds: tuple[str, ...] | None):
         frame["neg_item_idx"] = list(padded.astype(np.int32))
         return frame.drop(columns=["neg_kind"], errors="ignore")
 
-    return TransformSpec(pad, edit_fields=[("neg_item_idx", np.int32, (width,), False)], removed_fields=["neg_kind"])
+    edit_fields = [(name, np.int32, (MULTI_VALUED_WIDTH,), False) for name in multi_valued]
+    if width:
+        edit_fields.append(("neg_item_idx", np.int32, (width,), False))
+    return TransformSpec(pad, edit_fields=edit_fields, removed_fields=["neg_kind"] if width else [])
 
 
 @dataclass(frozen=True)
@@ -136,8 +158,7 @@ def train_batches(snapshot: DeltaSnapshot, schema: FeatureSchema, ctx: DistConte
             workers_count=settings.workers, seed=settings.seed + epoch, shuffle_row_groups=True,
             shard_seed=settings.seed, cur_shard=ctx.rank if ctx.distributed else None,
             shard_count=ctx.world_size if ctx.distributed else None, num_epochs=1,
-            transform_spec=(_negatives_transform(settings.negatives_width, settings.negative_kinds)
-                            if settings.negatives_width else None),
+            transform_spec=_pairs_transform(schema, settings.negatives_width, settings.negative_kinds),
         )
     try:
         loader = BatchedDataLoader(reader, batch_size=settings.batch_size,

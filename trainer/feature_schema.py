@@ -17,15 +17,17 @@ from typing import Literal
 
 import pyarrow.compute as pc
 
-from lake_contract.delta_snapshot import read_snapshot_arrow, resolve_snapshot, table_version
+from lake_contract.delta_snapshot import read_snapshot_arrow, resolve_snapshot, table_exists, table_version
 from lake_contract.feature_config import FEATURE_CONFIG_TABLE
+from lake_contract.feature_contract import MULTI_VALUED_WIDTH
 from lake_contract.lake import Lake
 from lake_contract.vocab_registry import read_vocab_info
 
+__all__ = ["MULTI_VALUED_WIDTH", "FeatureSchema", "FieldSpec", "load_feature_schema"]
+
 FieldKind = Literal["categorical", "multi_valued", "bucket"]
 
-# Fixed width of a padded multi-valued field (index lists longer than this are truncated).
-MULTI_VALUED_WIDTH = 16
+# Fixed width of a padded multi-valued field: the feature contract's (lake_contract.feature_contract).
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,11 @@ def load_feature_schema(lake_root: str, pairs_columns: list[str], item_exclude: 
     items_snap = resolve_snapshot(lake.table("features/items"), versions_in.get("features/items"))
     item_columns = set(_schema_names(items_snap.schema_json))
     versions = {"features/spec": spec_snap.version, "features/items": items_snap.version}
+    # features/users is not read here (the pairs carry the user features), but serving builds
+    # queries from it: the version recorded now is the one serving reads for this model.
+    users_uri = lake.table("features/users")
+    if "features/users" in versions_in or table_exists(users_uri):
+        versions["features/users"] = resolve_snapshot(users_uri, versions_in.get("features/users")).version
 
     def size_of(row: dict) -> int:
         if row["kind"] == "bucket":

@@ -275,7 +275,7 @@ def prepare_finetune(lake_root: str, window: str, parent_version: str | None, re
     when the command set it explicitly). ``trainable``: see the module docstring."""
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
-    from trainer.growth import describe_growth, grow_model
+    from trainer.growth import check_bucket_boundaries, describe_growth, grow_model
     from trainer.loop import prepare_run
 
     pairs = resolve_window_pairs(lake_root, window, replay)
@@ -292,6 +292,8 @@ def prepare_finetune(lake_root: str, window: str, parent_version: str | None, re
         if batch < config.batch_size:
             lowered_from, config = config.batch_size, replace(config, batch_size=batch)
     inputs = prepare_run(lake_root, config, "incremental", train=pairs.snapshot)
+    check_bucket_boundaries(lake_root, parent.loaded.manifest.get("table_versions") or {},
+                            inputs.schema.table_versions, inputs.schema)
     growth = describe_growth(parent.loaded.schema, inputs.schema)
     model = grow_model(parent.loaded.model, inputs.schema, seed=config.seed)  # ValueError unless rows only grew
     frozen = freeze_all_but_embeddings(model) if trainable == "embeddings" else []

@@ -102,6 +102,36 @@ def _check_schemas(old: FeatureSchema, new: FeatureSchema) -> None:
                              f"model has {mine}, new schema has {theirs}); {_FULL}")
 
 
+def check_bucket_boundaries(lake_root: str, parent_versions: dict, new_versions: dict, schema: FeatureSchema) -> None:
+    """Equal sizes do not make equal buckets: refuse to grow a parent trained on other bucket
+    boundaries (``features/spec`` at the parent's recorded version vs the new run's) for any
+    bucket field of ``schema``, since the same index would then mean other values."""
+    from lake_contract.delta_snapshot import read_snapshot_arrow, resolve_snapshot
+    from lake_contract.errors import TableNotFoundError
+    from lake_contract.lake import Lake
+
+    old_version, new_version = parent_versions.get("features/spec"), new_versions.get("features/spec")
+    if old_version is None or new_version is None or old_version == new_version:
+        return
+    uri = Lake(lake_root).table("features/spec")
+
+    def boundaries(version: int) -> dict[str, tuple[float, ...]]:
+        rows = read_snapshot_arrow(resolve_snapshot(uri, version), ["feature", "kind", "boundaries"]).to_pylist()
+        return {r["feature"]: tuple(r["boundaries"] or ()) for r in rows if r["kind"] == "bucket"}
+
+    try:
+        old, new = boundaries(int(old_version)), boundaries(int(new_version))
+    except TableNotFoundError as err:
+        raise ValueError(f"cannot grow the model: its features/spec@v{old_version} is gone, so the bucket "
+                         f"boundaries it was trained on cannot be compared ({err}); {_FULL}") from err
+    buckets = [f.name for f in (*schema.user_fields, *schema.item_fields) if f.kind == "bucket"]
+    moved = [n for n in buckets if n in old and n in new and old[n] != new[n]]
+    if moved:
+        raise ValueError(f"cannot grow the model: bucket boundaries of {moved} moved between features/spec@v"
+                         f"{old_version} (the parent's) and @v{new_version} (e.g. {moved[0]}: {list(old[moved[0]])} -> "
+                         f"{list(new[moved[0]])}), so the same bucket index now means other values; {_FULL}")
+
+
 def _grow_rows(old: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     fresh = torch.empty(rows - old.shape[0], old.shape[1]).normal_(0.0, EMBEDDING_INIT_STD, generator=generator)
