@@ -42,6 +42,8 @@ def airflow_env(tmp_path_factory) -> dict[str, str]:
         "TOWERLAKE_SPARK_MASTER": "local[2]",
         "TOWERLAKE_SHUFFLE_PARTITIONS": "2",
         "PYTHONPATH": str(ROOT),
+        # The Spark master of the spark-submit tasks (scripts/airflow.sh sets the same default).
+        "AIRFLOW_CONN_SPARK_DEFAULT": '{"conn_type": "spark", "host": "local[2]"}',
     })
     env.pop("VIRTUAL_ENV", None)
     done = subprocess.run(["bash", str(ROOT / "scripts" / "airflow.sh"), "setup"], env=env, capture_output=True,
@@ -367,3 +369,15 @@ def test_an_hour_with_new_users_publishes_a_child_release_that_serves_them(night
                             cwd=ROOT, env=airflow_env, capture_output=True, text=True, timeout=600)
     assert served.returncode == 0, served.stderr[-3000:]
     assert "user unew0: top 5 (model)" in served.stdout and "user unew3: top 5 (model)" in served.stdout
+
+
+@pytest.mark.slow
+def test_backfill_bad_input_fails_once_with_the_jobs_reason(airflow_env):
+    """spark-submit passes the job's exit 2 through: no retry, and the reason (not Spark's
+    shutdown lines after it) is the task's error."""
+    run = dags_test(airflow_env, "feature_backfill", "2026-12-04",
+                    "-c", json.dumps({"start": "2026-12-02", "end": "2026-12-01"}))
+    assert run["state"] == "failed"
+    assert task_states(run) == {"backfill": ("failed", 1)}, run["output"][-5000:]
+    alert = next(line for line in run["output"].splitlines() if "towerlake alert: feature_backfill.backfill" in line)
+    assert "error: backfill: --end (2026-12-01) is before --start (2026-12-02)" in alert
