@@ -134,12 +134,13 @@ def launch_command(launcher: str, python: Path, module: str) -> list[str]:
 
 
 def _last_line(text: str) -> str:
-    """The last non-empty line, without progress-bar carriage returns."""
-    for line in reversed(text.splitlines()):
-        line = line.rsplit("\r", 1)[-1].strip()
-        if line:
-            return line
-    return ""
+    """The job's one-line reason: the last line that starts with 'error: ' or 'skipped: '
+    (jobs/cli.py; spark-submit prints its shutdown chatter after it), else the last
+    non-empty line; without progress-bar carriage returns."""
+    lines = [line.rsplit("\r", 1)[-1].strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    reasons = [line for line in lines if line.startswith(("error: ", "skipped: "))]
+    return (reasons or lines or [""])[-1]
 
 
 def raise_for_exit(code: int, reason: str, what: str) -> None:

@@ -100,7 +100,8 @@ def exit_codes() -> dict:
         def command(self):
             python = Path(sys.executable)
             script = ("import os, sys; print('working'); print('Traceback: noise', file=sys.stderr); "
-                      f"print('error: demo: reason for {self.code}', file=sys.stderr); sys.stderr.flush(); "
+                      f"print('error: demo: reason for {self.code}', file=sys.stderr); "
+                      "print('INFO ShutdownHookManager: Shutdown hook called', file=sys.stderr); sys.stderr.flush(); "
                       + (f"os.kill(os.getpid(), {-self.code})" if self.code < 0 else f"sys.exit({self.code})"))
             return [str(python), "-c", script], Path.cwd(), python
 
