@@ -39,4 +39,6 @@ if [[ -z ${TOWERLAKE_SOURCE_ARGS:-} ]]; then
   log "      export TOWERLAKE_SOURCE_ARGS='--source csv --mapping /data/mapping.toml'"
 fi
 [[ ${1:-} == setup ]] && exit 0
+# standalone starts its components as `airflow ...` from PATH (the jobs' own PATH is set per task).
+export PATH=$ROOT/.venv-airflow/bin:$PATH
 exec "$AIRFLOW" standalone

@@ -59,6 +59,7 @@ def main() -> int:
     env["TOWERLAKE_HOME"] = str(ROOT)
     env["TOWERLAKE_PYTHON"] = str(ROOT / ".venv" / "bin" / "python")
     env.setdefault("AIRFLOW_CONN_SPARK_DEFAULT", '{"conn_type": "spark", "host": "local[2]"}')
+    env["PATH"] = f"{AIRFLOW.parent}{os.pathsep}{env.get('PATH', '')}"  # standalone runs `airflow ...` from PATH
     log = open(work / "standalone.log", "w")  # noqa: SIM115 (open for the life of the process)
     standalone = subprocess.Popen([str(AIRFLOW), "standalone"], env=env, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
