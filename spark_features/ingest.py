@@ -29,8 +29,9 @@ What a load replaces (never more than it was asked to):
   [H, H+1h); the rest of that day's partition is carried over unchanged. ``only_date`` D:
   exactly UTC day D. Neither: every UTC date that has an event with a usable timestamp in
   the load. Rows of the file outside an ``only_hour``/``only_date`` window are quarantined
-  as ``outside_window`` (they count toward ``--max-bad-fraction``: a file mostly outside
-  its window means the wrong flag) and are ingested by the run of their own window.
+  as ``outside_window`` (they do not count toward ``--max-bad-fraction``: a scheduler's hourly run may read a
+  source that holds other hours too) and are ingested by the run of their own window; the
+  job's note says how many.
 * ``bronze/users`` / ``bronze/items``: upserted by id: new ids added, ids whose attributes
   changed replaced, ids absent from the load kept. The load must have the table's columns.
 * ``replace_all``: each table present in the load is replaced as a whole (the only mode
@@ -588,11 +589,17 @@ def ingest(
                 )
                 quarantine_results.append(result)
         for report in reports:
-            if report.bad_fraction > options.max_bad_fraction:
-                reasons = ", ".join(f"{k}={v:,}" for k, v in sorted(report.bad_by_reason.items(), key=lambda kv: -kv[1]))
+            # Rows outside --hour/--date are not malformed: they belong to another window's run
+            # (a scheduler reading one growing source), so they never count toward the limit.
+            malformed = report.bad - report.outside_window
+            in_window = report.total - report.outside_window
+            fraction = malformed / in_window if in_window else 0.0
+            if fraction > options.max_bad_fraction:
+                reasons = ", ".join(f"{k}={v:,}" for k, v in sorted(report.bad_by_reason.items(), key=lambda kv: -kv[1])
+                                    if k != "outside_window")
                 raise BadInputError(
-                    f"{report.table}: {report.bad:,} of {report.total:,} rows are bad "
-                    f"({report.bad_fraction:.2%} > --max-bad-fraction {options.max_bad_fraction:.2%}): {reasons}. "
+                    f"{report.table}: {malformed:,} of {in_window:,} rows are bad "
+                    f"({fraction:.2%} > --max-bad-fraction {options.max_bad_fraction:.2%}): {reasons}. "
                     f"Nothing was written to bronze; inspect {lake.table(quarantine_table(report.table))} "
                     f"(batch={options.batch}, run_id={options.run_id}), fix the source or mapping, and re-run"
                 )
