@@ -390,7 +390,9 @@ class DeltaLakeIO:
         filters = None
         if replaced:
             filters = [(col, "in", vals) for col, vals in replaced.items()]
-        props = CommitProperties(custom_metadata={"towerlake.writer": "spark+delta-rs"}, max_commit_retries=3)
+        write_id = uuid.uuid4().hex  # finds this write's own commit afterwards (another may land right after)
+        props = CommitProperties(custom_metadata={"towerlake.writer": "spark+delta-rs", "towerlake.write_id": write_id},
+                                 max_commit_retries=3)
         try:
             if not staged.table_existed:
                 try:
@@ -422,7 +424,7 @@ class DeltaLakeIO:
         except BaseException:
             _remove_uncommitted(uri, staged.folder, staged.adds)
             raise
-        version = DeltaTable(location).version()
+        version = _own_commit_version(DeltaTable(location), write_id)
         return WriteResult(
             table_uri=uri,
             version=version,
@@ -799,3 +801,12 @@ def _remove_folder(uri: str) -> None:
             fs.delete_dir(path)
     except Exception as err:  # cleanup must never hide the original failure
         log.warning("could not remove uncommitted files at %s: %s", uri, err)
+
+
+def _own_commit_version(table, write_id: str) -> int:
+    """The version of the commit tagged ``write_id``: a concurrent writer may commit right
+    after ours, so the table's latest version is not necessarily this write's."""
+    for entry in table.history(50):
+        if entry.get("towerlake.write_id") == write_id and "version" in entry:
+            return int(entry["version"])
+    return table.version()
