@@ -90,6 +90,22 @@ def drop_seen_top_k(ids: np.ndarray, seen_offsets: np.ndarray, seen_values: np.n
     return keep, keep.sum(axis=1)
 
 
+def held_out_hit_ranks(recs, user_ids: list[str], targets: np.ndarray, item_index: dict[str, int]) -> np.ndarray:
+    """Per row of ``user_ids``: the rank (1-based) of ``targets[row]`` in ``recs`` (the
+    recommendations table: user_id, item_id, rank), or a huge number when absent. One row per
+    user (leave-last-out)."""
+    position = {u: n for n, u in enumerate(user_ids)}
+    if len(position) != len(user_ids):
+        raise ValueError("held_out_hit_ranks needs one held-out row per user")
+    rows = np.asarray([position[u] for u in recs.column("user_id").to_pylist()], dtype=np.int64)
+    items = np.asarray([item_index[i] for i in recs.column("item_id").to_pylist()], dtype=np.int64)
+    ranks = np.asarray(recs.column("rank").to_numpy(), dtype=np.int64)
+    best = np.full(len(user_ids), np.iinfo(np.int64).max, dtype=np.int64)
+    hit = items == targets[rows]
+    np.minimum.at(best, rows[hit], ranks[hit])
+    return best
+
+
 # ---------------------------------------------------------------------------------------------
 # the retriever
 

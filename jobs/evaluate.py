@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("evaluate")
     from lake_contract.delta_snapshot import resolve_snapshot
     from lake_contract.lake import Lake
-    from trainer.artifacts import load_model_dir, model_path, resolve_model_version
+    from trainer.artifacts import load_model_dir, model_path, model_snapshot, resolve_model_version
     from trainer.data import resolve_pairs
     from trainer.evaluation import evaluate_split
     from trainer.item_store import load_item_store
@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     lake = Lake(config.lake)
     version = resolve_model_version(lake.root, config.model)
     loaded = load_model_dir(model_path(lake.root, version))
-    items = resolve_snapshot(lake.table("features/items"))
+    # the item features the model was trained on (as serving reads them), not the newest build's
+    pinned = "features/items" in (loaded.manifest.get("table_versions") or {})
+    items = model_snapshot(lake.root, loaded, "features/items") if pinned else resolve_snapshot(lake.table("features/items"))
     schema = loaded.schema
     store = load_item_store(items, schema)
     print(f"evaluate: model {version} on {', '.join(config.splits)} (features/items@v{items.version})")

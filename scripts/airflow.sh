@@ -4,8 +4,8 @@
 # migrated, the one-slot lake pool created (a task whose pool is missing waits forever
 # without an error) and the spark_default connection given by environment variable
 # (`airflow db migrate` creates no connections in Airflow 3); then `airflow standalone`
-# (scheduler, DAG processor, triggerer and the UI on http://localhost:8080; it prints the
-# admin password).
+# (scheduler, DAG processor, triggerer and the UI on http://localhost:8080, or
+# TOWERLAKE_AIRFLOW_PORT; it prints the admin password).
 #
 #   scripts/airflow.sh          set up, then run airflow standalone   (make airflow)
 #   scripts/airflow.sh setup    set up only
@@ -23,6 +23,12 @@ export TOWERLAKE_PYTHON=${TOWERLAKE_PYTHON:-$ROOT/.venv/bin/python}
 export TOWERLAKE_LAKE=${TOWERLAKE_LAKE:-$ROOT/lake}
 # The Spark master of the spark-submit tasks (feature_backfill); a cluster: spark://host:7077, yarn, k8s://...
 export AIRFLOW_CONN_SPARK_DEFAULT=${AIRFLOW_CONN_SPARK_DEFAULT:-'{"conn_type": "spark", "host": "local[*]"}'}
+# The API server's port (UI and the execution API the task runners call back). Airflow 3's
+# task runners reach it through [api] base_url, which must name the same port, or every task
+# hangs in "Pre Execute" and the executor logs "Connection refused".
+PORT=${TOWERLAKE_AIRFLOW_PORT:-8080}
+export AIRFLOW__API__PORT=${AIRFLOW__API__PORT:-$PORT}
+export AIRFLOW__API__BASE_URL=${AIRFLOW__API__BASE_URL:-http://localhost:$AIRFLOW__API__PORT}
 AIRFLOW=$ROOT/.venv-airflow/bin/airflow
 
 log() { printf '[airflow %s] %s\n' "$(date +%H:%M:%S)" "$*"; }

@@ -47,7 +47,7 @@ def main() -> int:
     env.update({
         "AIRFLOW_HOME": str(work / "airflow"), "TOWERLAKE_LAKE": str(work / "lake"),
         "AIRFLOW__CORE__PARALLELISM": "4", "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-        "AIRFLOW__API__PORT": "18080", "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
+        "AIRFLOW__API__PORT": "18080", "AIRFLOW__API__BASE_URL": "http://localhost:18080", "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
         "TOWERLAKE_SOURCE_ARGS": f"--source synthetic --users 300 --items 200 --events 6000 --days 1 "
                                  f"--start-date {yesterday}",
         "TOWERLAKE_FEATURE_ARGS": "--negatives random:2", "TOWERLAKE_TRAIN_ARGS": "--epochs 2 --batch-size 256",

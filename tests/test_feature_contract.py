@@ -127,7 +127,7 @@ def test_recommend_hit_rate_on_held_out_events_agrees_with_the_evaluator(ml_lake
     from index_builder.faiss_index import IndexConfig
     from index_builder.item_index import build_item_index, index_root
     from index_builder.release import publish_release
-    from index_builder.retrieval import Retriever
+    from index_builder.retrieval import Retriever, held_out_hit_ranks
     from lake_contract.lake import Lake
     from lake_contract.vocab_registry import read_vocab_mapping
     from tests.tiny_lake import tiny_train_config
@@ -164,15 +164,7 @@ def test_recommend_hit_rate_on_held_out_events_agrees_with_the_evaluator(ml_lake
         recs = retriever.recommend(user_ids, 50, as_of=rows.column("event_ts").to_pylist()).table
     finally:
         retriever.close()
-    item_index = read_vocab_mapping(lake.root, "item_id")
-    position = {u: n for n, u in enumerate(user_ids)}  # leave-last-out: one test row per user
-    assert len(position) == len(user_ids)
-    rec_rows = np.asarray([position[u] for u in recs.column("user_id").to_pylist()])
-    rec_items = np.asarray([item_index[i] for i in recs.column("item_id").to_pylist()])
-    rec_rank = np.asarray(recs.column("rank").to_numpy())
-    hit_rank = np.full(len(user_ids), 10**9)
-    is_hit = rec_items == targets[rec_rows]
-    np.minimum.at(hit_rank, rec_rows[is_hit], rec_rank[is_hit])
+    hit_rank = held_out_hit_ranks(recs, user_ids, targets, read_vocab_mapping(lake.root, "item_id"))
     evaluated = evaluate_split(model, inputs.store, inputs.test, inputs.schema, (10, 50), torch.device("cpu"),
                                negatives_width=0, with_itempop=False)["model"]
     n = len(user_ids)
