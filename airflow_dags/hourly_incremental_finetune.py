@@ -13,30 +13,24 @@ on from the model this hour fine-tuned.
 
 from __future__ import annotations
 
-import pendulum
-from airflow.sdk import DAG, CronDataIntervalTimetable, Param
 from towerlake_ops import (
     HOUR,
     HOURLY_VERSION,
-    LAKE_POOL,
     SkipWhileDagRunning,
     TowerlakeJobOperator,
-    default_args,
+    index_and_publish,
+    lake_task_args,
+    towerlake_dag,
 )
 
-with DAG(
-    dag_id="hourly_incremental_finetune",
+with towerlake_dag(
+    "hourly_incremental_finetune",
     description="ingest the hour, incremental features, fine-tune CURRENT's model, index, publish",
-    schedule=CronDataIntervalTimetable("0 * * * *", timezone="UTC"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args=default_args(retries=1),
-    params={"launcher": Param("python", type="string", description="python, torchrun:N, horovodrun:N or torch-distributor:N")},
-    tags=["towerlake"],
+    cron="0 * * * *",
+    retries=1,
     doc_md=__doc__,
 ) as dag:
-    lake = {"pool": LAKE_POOL, "priority_weight": 1, "weight_rule": "absolute"}
+    lake = lake_task_args(priority=1)
     skip_while_nightly = SkipWhileDagRunning(
         task_id="skip_while_nightly", dag_ids=["nightly_full_retrain"], retries=0)
     skip_if_published = TowerlakeJobOperator(
@@ -51,12 +45,5 @@ with DAG(
         task_id="finetune", job="train",
         args=["--mode", "finetune", "--window", HOUR, "--version", HOURLY_VERSION, "--exist-ok", "--no-progress"],
         extra_args_from="TOWERLAKE_FINETUNE_ARGS", launcher="{{ params.launcher }}", **lake)
-    index = TowerlakeJobOperator(
-        task_id="build_index", job="build_index", args=["--model", HOURLY_VERSION, "--exist-ok"],
-        extra_args_from="TOWERLAKE_INDEX_ARGS", **lake)
-    publish = TowerlakeJobOperator(
-        task_id="publish", job="publish",
-        args=["--model", HOURLY_VERSION, "--index", HOURLY_VERSION, "--release-version", HOURLY_VERSION,
-              "--exist-ok", "--require-parent-current"],
-        extra_args_from="TOWERLAKE_PUBLISH_ARGS", **lake)
-    skip_while_nightly >> skip_if_published >> ingest >> features >> finetune >> index >> publish
+    index, publish = index_and_publish(HOURLY_VERSION, priority=1, publish_args=["--require-parent-current"])
+    skip_while_nightly >> skip_if_published >> ingest >> features >> finetune >> index

@@ -15,30 +15,24 @@ no attribute 'hex'"); docs/airflow.md says how to watch the run time instead.
 
 from __future__ import annotations
 
-import pendulum
-from airflow.sdk import DAG, CronDataIntervalTimetable, Param
 from towerlake_ops import (
     DAY,
     INTERVAL_END,
-    LAKE_POOL,
     NIGHTLY_VERSION,
     TowerlakeJobOperator,
-    default_args,
+    index_and_publish,
+    lake_task_args,
+    towerlake_dag,
 )
 
-with DAG(
-    dag_id="nightly_full_retrain",
+with towerlake_dag(
+    "nightly_full_retrain",
     description="ingest the day, rebuild features and pairs, retrain, index, gate and publish",
-    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    default_args=default_args(retries=2),
-    params={"launcher": Param("python", type="string", description="python, torchrun:N, horovodrun:N or torch-distributor:N")},
-    tags=["towerlake"],
+    cron="0 0 * * *",
+    retries=2,
     doc_md=__doc__,
 ) as dag:
-    lake = {"pool": LAKE_POOL, "priority_weight": 10, "weight_rule": "absolute"}
+    lake = lake_task_args(priority=10)
     skip_if_published = TowerlakeJobOperator(
         task_id="skip_if_published", job="publish", args=["--skip-if-published", NIGHTLY_VERSION], retries=0)
     ingest = TowerlakeJobOperator(
@@ -50,12 +44,5 @@ with DAG(
     train = TowerlakeJobOperator(
         task_id="train", job="train", args=["--version", NIGHTLY_VERSION, "--exist-ok", "--no-progress"],
         extra_args_from="TOWERLAKE_TRAIN_ARGS", launcher="{{ params.launcher }}", **lake)
-    index = TowerlakeJobOperator(
-        task_id="build_index", job="build_index", args=["--model", NIGHTLY_VERSION, "--exist-ok"],
-        extra_args_from="TOWERLAKE_INDEX_ARGS", **lake)
-    publish = TowerlakeJobOperator(
-        task_id="publish", job="publish",
-        args=["--model", NIGHTLY_VERSION, "--index", NIGHTLY_VERSION, "--release-version", NIGHTLY_VERSION,
-              "--exist-ok"],
-        extra_args_from="TOWERLAKE_PUBLISH_ARGS", **lake)
-    skip_if_published >> ingest >> features >> train >> index >> publish
+    index, publish = index_and_publish(NIGHTLY_VERSION, priority=10)
+    skip_if_published >> ingest >> features >> train >> index

@@ -37,7 +37,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import BaseHook, BaseOperator, Variable
+import pendulum
+from airflow.sdk import DAG, BaseHook, BaseOperator, CronDataIntervalTimetable, Param, Variable
 from airflow.sdk.exceptions import (
     AirflowException,
     AirflowFailException,
@@ -63,6 +64,51 @@ HOURLY_VERSION = "hourly-{{ " + _START + ".strftime('%Y%m%dT%H') }}"
 LAUNCHERS = ("python", "torchrun:N", "horovodrun:N", "torch-distributor:N")
 
 log = logging.getLogger("towerlake.alerts")
+
+
+def towerlake_dag(dag_id: str, *, description: str, doc_md: str | None, retries: int, cron: str | None = None,
+                  params: dict[str, Param] | None = None) -> DAG:
+    """A Towerlake DAG: UTC interval timetable over ``cron`` (None: manual only; a plain cron
+    string would give Airflow 3's zero-length interval), no catchup, one active run at a time,
+    the shared task defaults. A scheduled DAG also gets the ``launcher`` param of its training
+    task."""
+    if cron is not None:
+        params = {"launcher": Param("python", type="string", description="python, torchrun:N, horovodrun:N or torch-distributor:N"),
+                  **(params or {})}
+    return DAG(
+        dag_id=dag_id,
+        description=description,
+        schedule=CronDataIntervalTimetable(cron, timezone="UTC") if cron is not None else None,
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        default_args=default_args(retries=retries),
+        params=params or {},
+        tags=["towerlake"],
+        doc_md=doc_md,
+    )
+
+
+def lake_task_args(priority: int) -> dict[str, Any]:
+    """Pool and priority of a lake-writing task: one slot shared by every DAG; a higher
+    ``priority`` (the nightly's) takes the slot first when both wait."""
+    return {"pool": LAKE_POOL, "priority_weight": priority, "weight_rule": "absolute"}
+
+
+def index_and_publish(version: str, priority: int, publish_args: Sequence[str] = ()
+                      ) -> tuple[TowerlakeJobOperator, TowerlakeJobOperator]:
+    """``build_index --model V`` >> ``publish`` of model and index ``V`` as release ``V``: the
+    last two tasks of every training DAG, idempotent by ``--exist-ok``."""
+    lake = lake_task_args(priority)
+    index = TowerlakeJobOperator(
+        task_id="build_index", job="build_index", args=["--model", version, "--exist-ok"],
+        extra_args_from="TOWERLAKE_INDEX_ARGS", **lake)
+    publish = TowerlakeJobOperator(
+        task_id="publish", job="publish",
+        args=["--model", version, "--index", version, "--release-version", version, "--exist-ok", *publish_args],
+        extra_args_from="TOWERLAKE_PUBLISH_ARGS", **lake)
+    index >> publish
+    return index, publish
 
 
 def default_args(retries: int = 2) -> dict[str, Any]:
