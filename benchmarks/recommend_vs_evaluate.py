@@ -46,10 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from index_builder.retrieval import Retriever, held_out_hit_ranks
     from lake_contract.delta_snapshot import read_snapshot_arrow
-    from lake_contract.errors import ModelDataError
     from lake_contract.lake import Lake
     from lake_contract.vocab_registry import read_vocab_mapping
-    from trainer.artifacts import model_snapshot
+    from trainer.artifacts import ModelDataError, model_snapshot
     from trainer.data import resolve_pairs
     from trainer.evaluation import evaluate_split
     from trainer.item_store import load_item_store
