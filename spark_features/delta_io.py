@@ -333,7 +333,7 @@ class DeltaLakeIO:
         """The commit this write made, found by its write id (not "the latest": a concurrent
         writer may have committed after it), with Delta's own file and row counts."""
         table = open_table(uri)
-        commit = _find_commit(table, write_id)
+        commit = _find_commit(uri, write_id)
         if commit is None:
             # Delta committed nothing (an append of no rows to an existing table): a no-op,
             # as with delta-rs; the table keeps its version.
@@ -424,7 +424,7 @@ class DeltaLakeIO:
         except BaseException:
             _remove_uncommitted(uri, staged.folder, staged.adds)
             raise
-        version = _own_commit_version(DeltaTable(location), write_id)
+        version = _own_commit_version(uri, write_id)
         return WriteResult(
             table_uri=uri,
             version=version,
@@ -528,11 +528,34 @@ def _user_metadata(write_id: str) -> str:
     return json.dumps({"towerlake.writer": "spark-native", "towerlake.write_id": write_id})
 
 
-def _find_commit(table, write_id: str) -> dict | None:
-    """The commit (delta-rs history entry) whose userMetadata carries ``write_id``."""
-    for commit in table.history(_COMMIT_SCAN):
-        if write_id in (commit.get("userMetadata") or ""):
-            return commit
+def _find_commit(uri: str, write_id: str) -> dict | None:
+    """The commit whose commitInfo carries ``write_id`` (in ``userMetadata`` for Delta's own
+    writer, as ``towerlake.write_id`` for delta-rs), with its ``version``; None when absent.
+
+    Read from the log files themselves, newest first: a commit's version is its file name.
+    (delta-rs' ``history()`` numbers its entries by counting back from a latest version it
+    reads separately, so under a concurrent commit every number can be off by one:
+    delta-io/delta-rs#4488.)
+    """
+    import json
+
+    import pyarrow.fs as pafs
+
+    fs, log_dir = pafs.FileSystem.from_uri(f"{uri}/_delta_log")
+    versions = sorted(
+        (int(info.base_name[:-5]) for info in fs.get_file_info(pafs.FileSelector(log_dir))
+         if info.base_name.endswith(".json") and info.base_name[:-5].isdigit()),
+        reverse=True,
+    )
+    for version in versions[:_COMMIT_SCAN]:
+        with fs.open_input_stream(f"{log_dir}/{version:020d}.json") as handle:
+            lines = handle.read().decode("utf-8").splitlines()
+        for line in lines:
+            info = json.loads(line).get("commitInfo") if line.strip() else None
+            if info is None:
+                continue
+            if info.get("towerlake.write_id") == write_id or write_id in (info.get("userMetadata") or ""):
+                return {**info, "version": version}
     return None
 
 
@@ -803,10 +826,13 @@ def _remove_folder(uri: str) -> None:
         log.warning("could not remove uncommitted files at %s: %s", uri, err)
 
 
-def _own_commit_version(table, write_id: str) -> int:
+def _own_commit_version(uri: str, write_id: str) -> int:
     """The version of the commit tagged ``write_id``: a concurrent writer may commit right
     after ours, so the table's latest version is not necessarily this write's."""
-    for entry in table.history(50):
-        if entry.get("towerlake.write_id") == write_id and "version" in entry:
-            return int(entry["version"])
-    return table.version()
+    commit = _find_commit(uri, write_id)
+    if commit is None:
+        raise CommitConflictError(
+            f"{uri}: the commit of this write (write id {write_id}) is not among the newest "
+            f"{_COMMIT_SCAN} log entries; check the table's history before re-running"
+        )
+    return int(commit["version"])
