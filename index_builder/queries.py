@@ -24,29 +24,47 @@ their history and features.
 All of that is ONE DuckDB query per batch of users over the snapshots' Parquet file lists,
 filtered to the batch's users inside the query (a window-free ordered list aggregation): no
 per-event Python, no full table in pandas.
+
+Queries as of now read ``features/user_state`` (written by the full build, MERGEd for the
+touched users by each incremental build) and add only the users' events at or after their
+state row's ``as_of``, from the bronze date partitions since the oldest ``as_of``: the cost of
+a served user is their state plus the recent events, not every file of the lake. The result
+is the same as from all events (``tests/test_user_state.py`` checks every user); rows the
+state cannot answer exactly (no state row; fewer than N known items among the kept recent
+ones) take the events path. ``as_of`` queries (evaluation, the parity test) always read the
+events.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from lake_contract.delta_snapshot import DeltaSnapshot, read_snapshot_arrow, resolve_snapshot, table_exists
+from lake_contract.delta_snapshot import (
+    DeltaSnapshot,
+    file_max_values,
+    read_snapshot_arrow,
+    resolve_snapshot,
+    table_exists,
+)
 from lake_contract.errors import BadInputError
 from lake_contract.feature_contract import (
     ACTIVITY_BOUNDARIES,
     MULTI_VALUED_WIDTH,
     PRIOR_EVENTS_FIELD,
     UNKNOWN_INDEX,
+    USER_STATE_TABLE,
     bucket_sql,
     history_order_sql,
+    known_history,
 )
 from lake_contract.lake import BRONZE_INTERACTIONS, Lake
 from lake_contract.vocab_registry import vocab_table
@@ -100,6 +118,10 @@ def snapshot_column_names(snapshot: DeltaSnapshot) -> list[str]:
     return [f["name"] for f in json.loads(snapshot.schema_json)["fields"]]
 
 
+def _aware(value: datetime) -> datetime:
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 def _arrow(result: Any) -> pa.Table:
     """DuckDB's ``.arrow()`` answers a RecordBatchReader in 1.4 (a Table before)."""
     return result.read_all() if isinstance(result, pa.RecordBatchReader) else result
@@ -117,13 +139,15 @@ class UserQueryBuilder:
     (``table_versions``); make a new builder to see newer data."""
 
     def __init__(self, lake_root: str, schema: FeatureSchema, threads: int = 2,
-                 pinned: Mapping[str, DeltaSnapshot] | None = None) -> None:
+                 pinned: Mapping[str, DeltaSnapshot] | None = None, use_state: bool = True) -> None:
         import duckdb
 
         self.lake = Lake(str(lake_root))
         self.schema = schema
         self.pinned = dict(pinned or {})
         self.table_versions: dict[str, int] = {}
+        self._latest: dict[str, DeltaSnapshot | None] = {}
+        self.fresh_files: int | None = None
         self._con = duckdb.connect(config={"threads": threads})
         self._create_view("user_vocab", vocab_table("user_id"), {"value": "value", "idx": "index"})
         self._create_view("item_vocab", vocab_table("item_id"), {"value": "value", "idx": "index"})
@@ -141,6 +165,9 @@ class UserQueryBuilder:
                           {"user_idx": "user_idx", **{f.name: f.name for f in self.static_fields}},
                           optional=True)
         self.activity_boundaries = self._activity_boundaries()
+        self.last_fallbacks = 0
+        self.state_since = self._state_views() if use_state else None
+        self.uses_state = self.state_since is not None
 
     # -- setup
 
@@ -148,15 +175,53 @@ class UserQueryBuilder:
         """The pinned snapshot of ``relative``, else its latest; None when there is no table."""
         if relative in self.pinned:
             return self.pinned[relative]
-        uri = self.lake.table(relative)
-        return resolve_snapshot(uri) if table_exists(uri) else None
+        if relative not in self._latest:  # resolved once: every view of a table reads one version
+            uri = self.lake.table(relative)
+            self._latest[relative] = resolve_snapshot(uri) if table_exists(uri) else None
+        return self._latest[relative]
 
     def _columns(self, relative: str) -> set[str]:
         snapshot = self._snapshot(relative)
         return set(snapshot_column_names(snapshot)) if snapshot is not None else set()
 
-    def _create_view(self, view: str, relative: str, columns: dict[str, str], optional: bool = False) -> None:
-        """``view`` over the latest snapshot of ``relative``: ``{alias: source column}``."""
+    def _state_views(self) -> date | None:
+        """Views ``user_state`` and ``fresh_events`` (bronze files of the dates from the oldest
+        state row's ``as_of`` on); the date, or None when there is no usable state table."""
+        snapshot = self._snapshot(USER_STATE_TABLE)
+        if snapshot is None or not snapshot.files:
+            return None
+        columns = ["user_idx", "n_events", "recent", "seen", "as_of"]
+        absent = [c for c in columns if c not in snapshot_column_names(snapshot)]
+        if absent:
+            log.warning("%s has no column(s) %s: serving reads the users' events; run a full build",
+                        USER_STATE_TABLE, absent)
+            return None
+        oldest = pc.min(read_snapshot_arrow(snapshot, ["as_of"]).column("as_of")).as_py()
+        if oldest is None:
+            return None
+        oldest = _aware(oldest)
+        since = oldest.date()
+        self._create_view("user_state", USER_STATE_TABLE, {c: c for c in columns})
+        # Only files that may hold an event at or after the oldest as_of: their date partition
+        # and their logged max event_ts (+1 ms: the log may truncate it) say so.
+        events = self._snapshot(BRONZE_INTERACTIONS)
+        maxima = dict(zip(events.files, file_max_values(events, "event_ts"), strict=True)) if events else {}
+
+        def recent(path: str, part: dict) -> bool:
+            if str(part.get("event_date") or "9999") < since.isoformat():
+                return False
+            top = maxima.get(path)
+            return top is None or _aware(top) + timedelta(milliseconds=1) >= oldest
+
+        self._create_view("fresh_events", BRONZE_INTERACTIONS,
+                          {"user_id": "user_id", "item_id": "item_id", "event_ts": "event_ts"}, keep=recent)
+        self.fresh_files = self._view_files
+        return since
+
+    def _create_view(self, view: str, relative: str, columns: dict[str, str], optional: bool = False,
+                     keep: Callable[[dict], bool] | None = None) -> None:
+        """``view`` over the latest snapshot of ``relative``: ``{alias: source column}``;
+        ``keep(file, partition_values)``: only the files it accepts."""
         uri = self.lake.table(relative)
         snapshot = self._snapshot(relative)
         if snapshot is None:
@@ -174,12 +239,16 @@ class UserQueryBuilder:
         in_partition = [c for c in columns.values() if c in snapshot.partition_columns]
         if in_partition:
             raise BadInputError(f"{uri} is partitioned by {in_partition}, which serving reads as data columns")
-        if not snapshot.files:
-            schema = pa.schema([(a, pa.int64() if a in ("idx", "user_idx") else pa.string()) for a in columns])
+        files = [f for f, part in zip(snapshot.files, snapshot.partition_values, strict=True)
+                 if keep is None or keep(f, part)]
+        self._view_files = len(files)
+        if not files:
+            types = {"idx": pa.int64(), "user_idx": pa.int64(), "event_ts": pa.timestamp("us", tz="UTC")}
+            schema = pa.schema([(a, types.get(a, pa.string())) for a in columns])
             self._con.register(f"_empty_{view}", schema.empty_table())
             self._con.execute(f"CREATE VIEW {view} AS SELECT * FROM _empty_{view}")
             return
-        files = "[" + ", ".join(_sql_string(_duckdb_path(f)) for f in snapshot.files) + "]"
+        files = "[" + ", ".join(_sql_string(_duckdb_path(f)) for f in files) + "]"
         select = ", ".join(f"{_ident(src)} AS {_ident(alias)}" for alias, src in columns.items())
         self._con.execute(f"CREATE VIEW {view} AS SELECT {select} FROM read_parquet({files}, union_by_name=true)")
 
@@ -202,7 +271,13 @@ class UserQueryBuilder:
         ``as_of``: None (every event: serving now), one time for all users, or one per user
         (None = every event): only events STRICTLY before it count (history, prior events,
         seen items), as a training pair built at that event time saw them
-        (``lake_contract.feature_contract``). Times must be timezone-aware."""
+        (``lake_contract.feature_contract``). Times must be timezone-aware.
+
+        "Now" queries read ``features/user_state`` plus the users' events since its rows'
+        ``as_of`` when the state table exists (``uses_state``): the same inputs as from the
+        events (the state is exact as of each row's ``as_of``), at a cost that does not grow
+        with the lake. Users without a state row, and users whose kept recent items hold
+        fewer than N the model knows, are answered from their events."""
         import torch
 
         ids = [str(u) for u in user_ids]
@@ -217,45 +292,17 @@ class UserQueryBuilder:
             raise ValueError(f"as_of times must be timezone-aware (UTC), got {naive[0]!r}")
         asked = pa.table({"pos": pa.array(np.arange(len(ids)), pa.int64()), "user_id": pa.array(ids, pa.string()),
                           "as_of": pa.array(as_of, pa.timestamp("us", tz="UTC"))})
-        feature_cols = "".join(f", uf.{_ident(f.name)}" for f in self.static_fields)
-        prior_bucket = bucket_sql("coalesce(p.n_events, 0)", self.activity_boundaries)
-        self._con.register("asked", asked)
-        try:
-            # Items the model's tables do not hold are dropped from the history BEFORE the
-            # last N are taken (re-packed, never a 0 between items), as the contract says.
-            table = _arrow(self._con.execute(f"""
-                WITH ev AS (
-                    SELECT a.pos, iv.idx AS item_idx, e.event_ts
-                    FROM asked a
-                    JOIN events e ON e.user_id = a.user_id
-                    JOIN item_vocab iv ON e.item_id = iv.value
-                    WHERE iv.idx > {UNKNOWN_INDEX} AND (a.as_of IS NULL OR e.event_ts < a.as_of)
-                ),
-                per_pos AS (
-                    SELECT pos, count(*) AS n_events,
-                           (list(item_idx ORDER BY {history_order_sql()})
-                              FILTER (WHERE item_idx < {int(self.schema.num_items)}))[1:{n_hist}] AS hist,
-                           list_sort(list_distinct(list(item_idx))) AS seen
-                    FROM ev GROUP BY pos
-                )
-                SELECT a.pos, coalesce(uv.idx, 0)::BIGINT AS user_idx,
-                       coalesce(p.n_events, 0)::BIGINT AS n_events, {prior_bucket} AS prior_events_bucket,
-                       p.hist, p.seen{feature_cols}
-                FROM asked a
-                LEFT JOIN user_vocab uv ON a.user_id = uv.value
-                LEFT JOIN per_pos p ON a.pos = p.pos
-                LEFT JOIN user_features uf ON uf.user_idx = uv.idx
-                ORDER BY a.pos
-            """).arrow())
-        finally:
-            self._con.unregister("asked")
+        if self.uses_state and all(t is None for t in as_of):
+            table = self._from_state(asked, n_hist)
+        else:
+            table = self._query(self._events_sql(n_hist), asked)
         if table.num_rows != len(ids):
             raise BadInputError(f"vocab/user_id or features/users maps some of {len(ids)} users to several rows "
                                 f"({table.num_rows} rows came back): the tables are inconsistent; rebuild features")
         user_idx = np.asarray(table.column("user_idx").to_numpy(), dtype=np.int64)
         n_events = np.asarray(table.column("n_events").to_numpy(), dtype=np.int64)
         known = user_idx > 0
-        hist = pad_list_array(table.column("hist"), n_hist)
+        hist = self._history(table.column("hist"), n_hist)
         tower_idx = np.where(user_idx < self.schema.num_users, user_idx, 0)
         inputs = {"user_idx": tower_idx, "hist": hist}
         for spec in self.schema.user_fields:
@@ -283,6 +330,105 @@ class UserQueryBuilder:
             inputs={k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in inputs.items()},
             n_events=n_events, seen_offsets=offsets - offsets[0], seen_values=seen_values,
         )
+
+    def _history(self, column: pa.ChunkedArray | pa.Array, n_hist: int) -> np.ndarray:
+        """(B, N) history: the known items (``known_history``) of each list, first N."""
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+        lengths = np.asarray(pc.list_value_length(column).fill_null(0), dtype=np.int64)
+        width = max(n_hist, int(lengths.max(initial=0)))
+        return known_history(pad_list_array(column, width), int(self.schema.num_items))[:, :n_hist]
+
+    def _query(self, sql: str, asked: pa.Table) -> pa.Table:
+        self._con.register("asked", asked)
+        try:
+            return _arrow(self._con.execute(sql).arrow())
+        finally:
+            self._con.unregister("asked")
+
+    def _static_columns(self) -> str:
+        return "".join(f", uf.{_ident(f.name)}" for f in self.static_fields)
+
+    def _events_sql(self, n_hist: int) -> str:
+        """Every event of the asked users (before their ``as_of``): the reference path."""
+        prior_bucket = bucket_sql("coalesce(p.n_events, 0)", self.activity_boundaries)
+        # Items the model's tables do not hold are dropped from the history BEFORE the
+        # last N are taken (re-packed, never a 0 between items), as the contract says.
+        return f"""
+            WITH ev AS (
+                SELECT a.pos, iv.idx AS item_idx, e.event_ts
+                FROM asked a
+                JOIN events e ON e.user_id = a.user_id
+                JOIN item_vocab iv ON e.item_id = iv.value
+                WHERE iv.idx > {UNKNOWN_INDEX} AND (a.as_of IS NULL OR e.event_ts < a.as_of)
+            ),
+            per_pos AS (
+                SELECT pos, count(*) AS n_events,
+                       (list(item_idx ORDER BY {history_order_sql()})
+                          FILTER (WHERE item_idx < {int(self.schema.num_items)}))[1:{n_hist}] AS hist,
+                       list_sort(list_distinct(list(item_idx))) AS seen
+                FROM ev GROUP BY pos
+            )
+            SELECT a.pos, coalesce(uv.idx, 0)::BIGINT AS user_idx,
+                   coalesce(p.n_events, 0)::BIGINT AS n_events, {prior_bucket} AS prior_events_bucket,
+                   p.hist::BIGINT[] AS hist, p.seen::BIGINT[] AS seen{self._static_columns()}
+            FROM asked a
+            LEFT JOIN user_vocab uv ON a.user_id = uv.value
+            LEFT JOIN per_pos p ON a.pos = p.pos
+            LEFT JOIN user_features uf ON uf.user_idx = uv.idx
+            ORDER BY a.pos
+        """
+
+    def _from_state(self, asked: pa.Table, n_hist: int) -> pa.Table:
+        """The state path of ``build`` (as of now), with the events path for the rows it
+        cannot answer exactly; same columns and row order as the events path."""
+        total = "(st.n_events + coalesce(fp.n_fresh, 0))"
+        table = self._query(f"""
+            WITH a2 AS (
+                SELECT a.pos, a.user_id, uv.idx AS user_idx
+                FROM asked a LEFT JOIN user_vocab uv ON a.user_id = uv.value
+            ),
+            st AS (
+                SELECT a2.pos, a2.user_id, s.n_events, s.recent::BIGINT[] AS recent, s.seen::BIGINT[] AS seen, s.as_of
+                FROM a2 JOIN user_state s ON s.user_idx = a2.user_idx
+            ),
+            fresh AS (
+                SELECT st.pos, iv.idx AS item_idx, e.event_ts
+                FROM st
+                JOIN fresh_events e ON e.user_id = st.user_id
+                JOIN item_vocab iv ON e.item_id = iv.value
+                WHERE iv.idx > {UNKNOWN_INDEX} AND e.event_ts >= st.as_of
+            ),
+            fp AS (
+                SELECT pos, count(*) AS n_fresh, list(item_idx ORDER BY {history_order_sql()}) AS items,
+                       list(item_idx) AS seen
+                FROM fresh GROUP BY pos
+            )
+            SELECT a2.pos, coalesce(a2.user_idx, 0)::BIGINT AS user_idx, {total}::BIGINT AS n_events,
+                   {bucket_sql(total, self.activity_boundaries)} AS prior_events_bucket,
+                   list_concat(coalesce(fp.items, []::BIGINT[]), st.recent)::BIGINT[] AS hist,
+                   list_sort(list_distinct(list_concat(st.seen, coalesce(fp.seen, []::BIGINT[]))))::BIGINT[] AS seen
+                   {self._static_columns()},
+                   st.pos IS NOT NULL AS _in_state,
+                   coalesce(len(st.recent) < st.n_events, false) AS _truncated
+            FROM a2
+            LEFT JOIN st ON a2.pos = st.pos
+            LEFT JOIN fp ON a2.pos = fp.pos
+            LEFT JOIN user_features uf ON uf.user_idx = a2.user_idx
+            ORDER BY a2.pos
+        """, asked)
+        if table.num_rows != asked.num_rows:
+            return table  # build() reports the inconsistency
+        short = (self._history(table.column("hist"), n_hist) > UNKNOWN_INDEX).sum(axis=1) < n_hist
+        redo = ~np.asarray(table.column("_in_state").to_numpy(zero_copy_only=False), dtype=bool) | (
+            short & np.asarray(table.column("_truncated").to_numpy(zero_copy_only=False), dtype=bool))
+        table = table.drop_columns(["_in_state", "_truncated"])
+        self.last_fallbacks = int(redo.sum())
+        if not redo.any():
+            return table
+        events = self._query(self._events_sql(n_hist), asked.take(np.flatnonzero(redo)))
+        kept = table.filter(pa.array(~redo)).cast(events.schema)
+        return pa.concat_tables([kept, events]).sort_by("pos")
 
     def iter_user_ids(self, batch_users: int = DEFAULT_BATCH_USERS) -> Iterator[list[str]]:
         """Every user id of ``vocab/user_id`` in index order, ``batch_users`` at a time (streamed)."""

@@ -110,6 +110,16 @@ def resolve_snapshot(table_uri: str, version: int | None = None) -> DeltaSnapsho
     )
 
 
+def file_max_values(snapshot: DeltaSnapshot, column: str) -> list:
+    """The ``column`` maximum the Delta log records for each of ``snapshot.files`` (same
+    order; None where a file has no statistics for it): lets a reader skip files without
+    opening them. Timestamps come back timezone-aware, at the log's millisecond precision
+    (Delta may truncate a maximum: compare with a millisecond of slack)."""
+    actions = _add_actions(open_table(snapshot.table_uri, snapshot.version))
+    by_file = {_absolute_file_uri(snapshot.table_uri, row["path"]): row.get(f"max.{column}") for row in actions}
+    return [by_file.get(f) for f in snapshot.files]
+
+
 def refuse_deletion_vectors(table, table_uri: str) -> None:
     """A file list is the table only without deletion vectors (rows a MERGE/DELETE marked
     deleted inside files it kept): refuse such a table rather than hand deleted rows on.

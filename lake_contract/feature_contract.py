@@ -27,6 +27,13 @@ Inputs and their rules:
   in ``features/spec`` as table ``pairs``).
 * **Multi-valued fields** (``<col>_idx`` lists): ``MULTI_VALUED_WIDTH`` indices, truncated
   and right-padded with ``UNKNOWN_INDEX``, wherever a tower reads them.
+* **User state** (``USER_STATE_TABLE``, one row per user of ``vocab/user_id``): what a "now"
+  query needs, as of the row's ``as_of``: ``n_events`` (events with a known item strictly
+  before it), ``last_event_ts``, ``recent`` (the last ``state_recent_length(N)`` known items,
+  most recent first, by ``HISTORY_ORDER``) and ``seen`` (distinct item indices, ascending).
+  Serving adds the user's events at or after ``as_of`` (read from the date partitions from
+  the oldest ``as_of`` on), so a served user costs their own state plus the recent events,
+  not their whole history in the lake.
 
 Kept free of pyspark and torch: every package imports it.
 """
@@ -42,8 +49,8 @@ from lake_contract.feature_config import ACTIVITY_BOUNDARIES, RECENCY_DAY_BOUNDA
 
 __all__ = [
     "ACTIVITY_BOUNDARIES", "HISTORY_ORDER", "MULTI_VALUED_WIDTH", "NULL_BUCKET", "PRIOR_EVENTS_FIELD",
-    "RECENCY_DAY_BOUNDARIES", "UNKNOWN_INDEX", "bucket_sql", "history_order_sql", "known_history", "prefix_column",
-    "prefix_sql",
+    "RECENCY_DAY_BOUNDARIES", "UNKNOWN_INDEX", "USER_STATE_TABLE", "bucket_sql", "history_order_sql",
+    "known_history", "prefix_column", "prefix_sql", "state_recent_length",
 ]
 
 UNKNOWN_INDEX = 0
@@ -54,6 +61,19 @@ MULTI_VALUED_WIDTH = 16
 PRIOR_EVENTS_FIELD = "prior_events_bucket"
 HISTORY_ORDER = ("event_ts", "item_idx")
 """Ascending order of a user's events; a history is the last N strictly-earlier ones, reversed."""
+
+
+USER_STATE_TABLE = "features/user_state"
+"""Per-user serving state, written by the full build and MERGEd for touched users by the
+incremental build (columns: ``user_idx``, ``user_id``, ``n_events``, ``last_event_ts``,
+``recent``, ``seen``, ``as_of``)."""
+
+
+def state_recent_length(history_length: int) -> int:
+    """How many recent items the user state keeps for a history of ``history_length``: twice
+    as many, so a model whose item table is older than the newest items still finds N known
+    ones (serving falls back to the user's events when it does not)."""
+    return 2 * int(history_length)
 
 
 def _boundary_literal(value: float) -> str:

@@ -6,7 +6,9 @@ For the window [start, end):
    to the vocabularies: existing indices never move;
 2. the touched users and items get their ``features/*`` rows recomputed from bronze as of
    ``end`` and MERGEd in (one commit per table, other rows untouched; ``DeltaLakeIO.upsert``:
-   a Delta MERGE on the native engine, file-level copy-on-write on delta-rs);
+   a Delta MERGE on the native engine, file-level copy-on-write on delta-rs), and so do
+   their ``features/user_state`` rows (last items, event count, seen items) when the full
+   build created that table;
 3. the window's positives get point-in-time history (from the users' earlier events in
    bronze) and offline negatives, and replace partition ``window=<key>`` of
    ``pairs/incremental``.
@@ -39,6 +41,7 @@ from lake_contract.feature_config import (
     require_same_feature_config,
     require_saved_feature_config,
 )
+from lake_contract.feature_contract import USER_STATE_TABLE, state_recent_length
 from lake_contract.lake import BRONZE_TABLES, Lake
 from lake_contract.run_ledger import completed_windows, mark_complete
 from spark_features.delta_io import DeltaLakeIO, WriteResult
@@ -53,6 +56,7 @@ from spark_features.training_data import (
     pair_rows,
     primary_category_column,
     user_feature_rows,
+    user_state_rows,
     with_all_ids,
 )
 from spark_features.vocab import load_vocab, update_vocab
@@ -168,8 +172,16 @@ def build_incremental(
                                                  lake.table("features/users"), ["user_idx"])
     report.written["features/items"] = io.upsert(_like_table(io, lake, "features/items", item_rows),
                                                  lake.table("features/items"), ["item_idx"])
+    state_detail = f"; no {USER_STATE_TABLE} (a full build creates it): serving reads the users' events"
+    if table_exists(lake.table(USER_STATE_TABLE)):
+        state_rows = user_state_rows(with_all_ids(None, _touched_ids(user_vocab, touched_user_ids, "user_id",
+                                                                     "user_idx"), "user_id", "user_idx"),
+                                     their_events, end, state_recent_length(config.history_length))
+        report.written[USER_STATE_TABLE] = io.upsert(_like_table(io, lake, USER_STATE_TABLE, state_rows),
+                                                     lake.table(USER_STATE_TABLE), ["user_idx"])
+        state_detail = f", user_state={report.written[USER_STATE_TABLE].rows_written:,}"
     done("features merged", f"users={report.written['features/users'].rows_written:,} rows rewritten, "
-         f"items={report.written['features/items'].rows_written:,}")
+         f"items={report.written['features/items'].rows_written:,}{state_detail}")
 
     # 3. the window's pairs with history from earlier events, and their negatives
     ties = max_same_time_events(their_events)

@@ -1,8 +1,8 @@
 """The full (nightly) build: bronze -> vocabularies, feature tables, training pairs.
 
 One function, ``build_training_data``, reads the bronze snapshots, grows the append-only
-vocabularies, computes ``features/users`` / ``features/items`` / ``features/spec`` and writes
-``pairs/{train,valid,test}``. Every write goes through ``DeltaLakeIO``; pairs and features
+vocabularies, computes ``features/users`` / ``features/items`` / ``features/spec`` /
+``features/user_state`` (serving's per-user state) and writes ``pairs/{train,valid,test}``. Every write goes through ``DeltaLakeIO``; pairs and features
 are staged first and committed last, so a failure leaves every table as it was.
 
 pairs/<split> columns: ``pair_id, user_idx, item_idx, event_ts, rating, label, weight,
@@ -31,6 +31,7 @@ from pyspark.storagelevel import StorageLevel
 from lake_contract.delta_snapshot import table_version
 from lake_contract.errors import TableNotFoundError
 from lake_contract.feature_config import ACTIVITY_BOUNDARIES, FEATURE_CONFIG_TABLE, FeatureConfig
+from lake_contract.feature_contract import HISTORY_ORDER, USER_STATE_TABLE, state_recent_length
 from lake_contract.lake import BRONZE_TABLES, Lake
 from spark_features.delta_io import DeltaLakeIO, WriteResult
 from spark_features.features import (
@@ -181,6 +182,8 @@ def build_training_data(
         with_all_ids(item_attrs, item_vocab, "item_id", "item_idx"), events, train_positives, total_train,
         primary_category_column(item_cols, config.primary_category),
     ).persist(StorageLevel.MEMORY_AND_DISK)
+    user_state = user_state_rows(with_all_ids(None, user_vocab, "user_id", "user_idx"), events, as_of,
+                                 state_recent_length(config.history_length))
     spec_rows = [
         (c.table, c.column, c.feature, c.kind, c.vocab,
          list(boundaries.get(f"{c.table}.{c.column}", ())) if c.kind == "bucket" else None)
@@ -223,7 +226,7 @@ def build_training_data(
     # ---- stage every write, then commit them all
     staged = []
     for name, frame in (("features/users", user_features), ("features/items", item_features), ("features/spec", spec),
-                        (FEATURE_CONFIG_TABLE, saved_config)):
+                        (FEATURE_CONFIG_TABLE, saved_config), (USER_STATE_TABLE, user_state)):
         staged.append((name, io.stage_write(frame.coalesce(max(1, math.ceil(vocabs["item_id"].size / 1_000_000))),
                                             lake.table(name), overwrite_schema=True)))
     for split in SPLITS:
@@ -318,6 +321,27 @@ def user_feature_rows(user_attrs: DataFrame, events: DataFrame, as_of: datetime)
     activity = activity_columns(events.where(F.col("event_ts") < F.lit(as_of)), "user_idx", F.lit(as_of))
     return (user_attrs.join(activity, "user_idx", "left").withColumn("as_of", F.lit(as_of))
             .fillna(0, ["n_events", "n_events_bucket", "recency_bucket"]))
+
+
+def user_state_rows(users: DataFrame, events: DataFrame, as_of: datetime, recent_length: int) -> DataFrame:
+    """``features/user_state`` rows (``lake_contract.feature_contract``) for every user of
+    ``users`` (``user_id``, ``user_idx``) from ``events`` (indexed, known items only, holding
+    every event of these users before ``as_of``): one grouped pass, no window over the lake."""
+    order = F.struct(*[F.col(c) for c in HISTORY_ORDER])
+    state = (events.where(F.col("event_ts") < F.lit(as_of)).groupBy("user_idx").agg(
+        F.count(F.lit(1)).alias("n_events"),
+        F.max("event_ts").alias("last_event_ts"),
+        F.slice(F.sort_array(F.collect_list(order), asc=False), 1, recent_length).getField("item_idx").alias("recent"),
+        F.array_sort(F.collect_set("item_idx")).alias("seen"),
+    ))
+    empty = F.array().cast("array<int>")
+    return (users.select("user_idx", "user_id").join(state, "user_idx", "left").select(
+        F.col("user_idx").cast("int").alias("user_idx"), "user_id",
+        F.coalesce("n_events", F.lit(0)).cast("long").alias("n_events"), "last_event_ts",
+        F.coalesce(F.col("recent").cast("array<int>"), empty).alias("recent"),
+        F.coalesce(F.col("seen").cast("array<int>"), empty).alias("seen"),
+        F.lit(as_of).cast("timestamp").alias("as_of"),
+    ))
 
 
 def item_feature_rows(item_attrs: DataFrame, events: DataFrame, counted_positives: DataFrame, total_positives: int,

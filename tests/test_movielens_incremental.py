@@ -54,6 +54,16 @@ def _rows(root: Path, table: str) -> list:
     return sorted(read_table_deltars(str(root / table)).to_pylist(), key=lambda r: repr(sorted(r.items())))
 
 
+def _recent_in_full_build(root: Path, user_idx: int) -> list:
+    """The user's ``recent`` items in features/user_state version 0 (the full build's)."""
+    from lake_contract.delta_snapshot import read_table_deltars
+
+    rows = read_table_deltars(str(root / "features/user_state"), 0).to_pylist()
+    recent = next(r["recent"] for r in rows if r["user_idx"] == user_idx)
+    assert len(recent) == 39
+    return recent
+
+
 def test_an_hour_with_new_users_and_items_keeps_old_indices_and_reruns_identically(spark, ml_lake, tmp_path):
     from lake_contract.delta_snapshot import table_version
     from lake_contract.feature_config import FeatureConfig
@@ -71,6 +81,10 @@ def test_an_hour_with_new_users_and_items_keeps_old_indices_and_reruns_identical
     ingest(spark, io, lake, read_source(spark, spec), spec,
            IngestOptions(batch="hour", only_date=HOUR.date(), max_bad_fraction=0.0), say=lambda _s: None)
     config = FeatureConfig(prefix_columns={"users.zip_code": 3})
+    # Ingested, not yet built: serving's state path adds the hour's events to the nightly state.
+    from tests.test_user_state import _schema, every_user_both_ways
+
+    assert every_user_both_ways(str(root), _schema(str(root)), extra_ids=["2001"]) == (944, 1)
 
     def run():
         return build_incremental(spark, io, lake, config, HOUR, HOUR + dt.timedelta(hours=1),
@@ -101,8 +115,19 @@ def test_an_hour_with_new_users_and_items_keeps_old_indices_and_reruns_identical
     features = {r["user_idx"]: r for r in _rows(root, "features/users")}
     assert features[user["2001"]]["occupation_idx"] == after["users.occupation"]["astronaut"]
     assert features[user["2002"]]["n_events"] == 3
+    state = {r["user_idx"]: r for r in _rows(root, "features/user_state")}
+    assert len(state) == len(after["user_id"])  # every user, the two new ones included
+    # 196: the hour's two events in front of the 39 of the full build (newest first)
+    assert state[user["196"]]["n_events"] == 41
+    assert state[user["196"]]["recent"] == [item["1"], item["9001"], *_recent_in_full_build(root, user["196"])]
+    assert (state[user["2002"]]["recent"], state[user["2002"]]["seen"]) == (
+        [item["9001"], item["50"], item["9002"]], sorted([item["9001"], item["50"], item["9002"]]))
+    assert state[user["2002"]]["as_of"] == state[user["196"]]["as_of"] != state[user["1"]]["as_of"]
+    # after the MERGE the state path is again the events path, new users included
+    assert every_user_both_ways(str(root), _schema(str(root))) == (945, 0)
 
-    tables = [*(f"vocab/{name}" for name in VOCABS), "features/users", "features/items", "pairs/incremental"]
+    tables = [*(f"vocab/{name}" for name in VOCABS), "features/users", "features/items", "features/user_state",
+              "pairs/incremental"]
     first = {t: _rows(root, t) for t in tables}
     vocab_versions = {name: table_version(str(root / "vocab" / name)) for name in VOCABS}
     again = run()
