@@ -153,24 +153,19 @@ def test_config_validation_names_the_field():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_offline_negatives_transform_keeps_the_asked_kinds_and_pads():
-    import pandas as pd
+def test_offline_negatives_keep_the_asked_kinds_and_pad():
+    from trainer.data import _offline_negatives
 
-    from trainer.data import _pairs_transform
-
-    frame = pd.DataFrame({
-        "user_idx": [1, 2, 3],
-        "neg_item_idx": [np.array([5, 6, 7]), np.array([], dtype=np.int64), np.array([8, 9, 10, 11])],
-        "neg_kind": [np.array(["random", "hard", "random"]), np.array([], dtype=object),
-                     np.array(["popularity", "random", "random", "random"])],
+    table = pa.table({
+        "user_idx": pa.array([1, 2, 3], pa.int32()),
+        "neg_item_idx": pa.array([[5, 6, 7], [], [8, 9, 10, 11]], pa.list_(pa.int32())),
+        "neg_kind": pa.array([["random", "hard", "random"], [], ["popularity", "random", "random", "random"]],
+                             pa.list_(pa.string())),
     })
-    assert _pairs_transform(tiny_schema(), 0, None) is None  # no negatives, no multi-valued user field
-    spec = _pairs_transform(tiny_schema(), 2, ("random",))
-    out = spec.func(frame.copy())
-    assert list(out.columns) == ["user_idx", "neg_item_idx"]
-    np.testing.assert_array_equal(np.stack(out["neg_item_idx"].to_list()), [[5, 7], [0, 0], [9, 10]])
-    every = _pairs_transform(tiny_schema(), 3, None).func(frame.copy())
-    np.testing.assert_array_equal(np.stack(every["neg_item_idx"].to_list()), [[5, 6, 7], [0, 0, 0], [8, 9, 10]])
+    np.testing.assert_array_equal(_offline_negatives(table, 2, ("random",)), [[5, 7], [0, 0], [9, 10]])
+    np.testing.assert_array_equal(_offline_negatives(table, 3, None), [[5, 6, 7], [0, 0, 0], [8, 9, 10]])
+    np.testing.assert_array_equal(_offline_negatives(table.slice(1), 3, ("popularity", "hard")),
+                                  [[0, 0, 0], [8, 0, 0]])  # a slice of a row group keeps its own rows
 
 
 def test_staging_left_by_a_killed_run_is_removed_but_a_live_one_is_kept(tmp_path):
