@@ -113,7 +113,9 @@ def _shard_worker(rank: int, port: int, table: str, out: str) -> None:
             own = sum(1 for _ in batches)  # this rank's full batches, unsynchronized
         with train_batches(snapshot, tiny_schema(), ctx, settings, epoch=0) as batches:
             synced = sum(1 for _ in synchronized(batches, ctx))
-        counts = torch.tensor([own, synced])
+        with train_batches(snapshot, tiny_schema(), ctx, settings, epoch=0) as batches:
+            capped = sum(1 for _ in synchronized(batches, ctx, max_steps=3, lookahead=2))
+        counts = torch.tensor([own, synced, capped])
         gathered = [torch.zeros_like(counts) for _ in range(WORLD)]
         torch.distributed.all_gather(gathered, counts)
         if rank == 0:
@@ -130,7 +132,8 @@ def test_uneven_shards_run_the_same_number_of_steps_on_every_rank_without_hangin
     out = str(tmp_path / "counts.pt")
     mp.spawn(_shard_worker, args=(free_port(), table, out), nprocs=WORLD, join=True)
     counts = torch.load(out, weights_only=True)  # rows: rank; columns: own batches, synchronized steps
-    own, synced = counts[:, 0], counts[:, 1]
+    own, synced, capped = counts[:, 0], counts[:, 1], counts[:, 2]
+    assert capped.tolist() == [3] * WORLD
     assert own[0] != own[1], f"the shards should be uneven for this test to mean anything: {own.tolist()}"
     assert synced.tolist() == [int(own.min())] * WORLD
     assert int(own.sum()) == (640 + 32 + 96 + 352 + 64) // 32  # every full batch is dealt to some rank

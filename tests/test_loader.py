@@ -143,3 +143,13 @@ def test_a_null_or_ragged_history_is_padded_like_evaluation(tmp_path):
     with train_batches(resolve_snapshot(str(tmp_path / "pairs")), tiny_schema(), DistContext(), settings, 0) as b:
         (batch,) = list(b)
     np.testing.assert_array_equal(batch["hist"].numpy(), pad_list_array(hist, HIST))
+
+
+@pytest.mark.parametrize("max_steps", [None, 37, 16, 1])
+def test_synchronized_yields_the_loaders_batches_in_order_whatever_its_lookahead(snapshot, max_steps):
+    from trainer.data import synchronized
+
+    reference = epoch(snapshot)
+    for lookahead in (1, 16, 100):
+        got = list(synchronized(iter(reference), DistContext(), max_steps, lookahead))
+        assert same_batches(got, reference[:max_steps])

@@ -12,8 +12,8 @@ torch-drawn shuffling buffer, so batches are deterministic with any number of re
 threads. On ML-100K this took the loader from 0.16x to about 0.8x the rows/s of a raw
 pyarrow read of the same files (benchmarks/bench_train.py --only loader; docs/training.md).
 ``synchronized`` makes every rank run the same
-number of steps: before each step the ranks agree (one all-reduce of a flag) that all of
-them still have a full batch, so uneven shards never hang DDP and no rank trains alone.
+number of steps: the ranks agree (one all-reduce per 16 steps) on how many full batches all
+of them still have, so uneven shards never hang DDP and no rank trains alone.
 A rank's unused remainder is at most its shard's excess over the smallest shard.
 
 Evaluation reads valid/test with plain pyarrow (``iter_eval_batches``): those rows carry
@@ -342,15 +342,32 @@ def train_batches(snapshot: DeltaSnapshot, schema: FeatureSchema, ctx: DistConte
         reader.join()
 
 
-def synchronized(batches: Iterator[Batch], ctx: DistContext, max_steps: int | None = None) -> Iterator[Batch]:
-    """Yield batches while EVERY rank has one (and fewer than ``max_steps`` were yielded)."""
-    step = 0
+def synchronized(batches: Iterator[Batch], ctx: DistContext, max_steps: int | None = None,
+                 lookahead: int = 16) -> Iterator[Batch]:
+    """Yield batches while EVERY rank has one (and fewer than ``max_steps`` were yielded).
+
+    The ranks agree once per ``lookahead`` steps, not before every step: each reads up to
+    ``lookahead`` batches ahead, one all-reduce takes the smallest count, and every rank yields
+    that many. Same batches and the same number of steps as agreeing step by step (the
+    smallest shard's full batches), with one tiny collective per ``lookahead`` steps."""
+    from collections import deque
+
+    ahead: deque[Batch] = deque()
+    step, exhausted = 0, False
     while max_steps is None or step < max_steps:
-        batch = next(batches, None)
-        if not ctx.all_agree(batch is not None):
+        want = lookahead if max_steps is None else min(lookahead, max_steps - step)
+        while not exhausted and len(ahead) < want:
+            batch = next(batches, None)
+            if batch is None:
+                exhausted = True
+            else:
+                ahead.append(batch)
+        agreed = int(ctx.all_reduce(torch.tensor([min(len(ahead), want)], dtype=torch.int64), "min").item())
+        if agreed == 0:
             return
-        step += 1
-        yield batch  # type: ignore[misc]
+        for _ in range(agreed):
+            step += 1
+            yield ahead.popleft()
 
 
 @dataclass
