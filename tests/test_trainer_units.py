@@ -227,3 +227,14 @@ def test_a_finetune_is_refused_when_its_pairs_have_other_feature_settings_than_i
     assert "the parent was trained on pairs of features/config v0, the window's pairs come from v2" in str(err.value)
     with pytest.raises(FeatureConfigMismatchError, match="parent model p0 records no feature settings"):
         check_feature_settings(str(tmp_path), "p0", {"table_versions": {"pairs/train": 1}})
+
+
+def test_one_gather_of_positives_and_extras_is_reordered_to_all_positives_then_all_extras():
+    from trainer.task import _positives_first
+
+    # 2 ranks, 3 positives + 2 extras each, as one rank-major all-gather returns them
+    gathered = torch.tensor([10, 11, 12, 50, 51, 20, 21, 22, 60, 61])
+    assert _positives_first(gathered, 2, 3).tolist() == [10, 11, 12, 20, 21, 22, 50, 51, 60, 61]
+    vectors = gathered.float().unsqueeze(1).repeat(1, 4)  # (10, d): rows move whole
+    assert torch.equal(_positives_first(vectors, 2, 3)[:, 0], _positives_first(gathered, 2, 3).float())
+    assert _positives_first(gathered[:6], 2, 3).tolist() == [10, 11, 12, 50, 51, 20]  # no extras: as gathered
