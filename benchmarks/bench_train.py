@@ -22,6 +22,7 @@ on the machine disturbed it. Run on an otherwise idle machine:
 
   .venv/bin/python benchmarks/bench_train.py                       # 2-4 minutes on 2 cores
   .venv/bin/python benchmarks/bench_train.py --steps 30 --warmup 5 --batch-size 256 --skip-ddp
+  .venv/bin/python benchmarks/bench_train.py --only loader   # measurement 2 alone (well under a minute)
 """
 
 from __future__ import annotations
@@ -364,6 +365,8 @@ def main() -> int:
                              "2 threads on a loaded 2-core machine every op waits for a descheduled thread "
                              "and steps get 10x slower; 0 = torch's default, one per core)")
     parser.add_argument("--skip-ddp", action="store_true", help="skip measurement 3 (spawns processes)")
+    parser.add_argument("--only", choices=("train", "loader", "ddp"), default=None,
+                        help="run one measurement alone: 1 (train), 2 (loader) or 3 (ddp)")
     args = parser.parse_args()
     if args.steps <= 0 or args.warmup < 0 or args.loader_rounds <= 0 or args.threads < 0:
         parser.error("--steps and --loader-rounds must be > 0, --warmup and --threads >= 0")
@@ -386,6 +389,20 @@ def main() -> int:
           f"preset {args.preset} (loss {config.loss}), batch {b}, {args.warmup} warm-up + {args.steps} timed steps")
     rows: list[tuple[str, str, float, float | None, str, str]] = []  # section, what, value, p50, unit, ratio
 
+    run = {section: args.only in (None, section) for section in ("train", "loader", "ddp")}
+    run["ddp"] = run["ddp"] and not args.skip_ddp
+    if run["train"]:
+        rows += single_process_rows(config, inputs, args)
+    if run["loader"]:
+        rows += loader_rows(config, inputs, args)
+    if run["ddp"]:
+        rows += ddp_rows(inputs, args, cores)
+    _print_table(rows, cores, args, t0)
+    return 0
+
+
+def single_process_rows(config, inputs, args) -> list[tuple]:
+    b = config.batch_size
     print("1. training, single process ...", flush=True)
     real = real_loop(config, inputs, args.warmup, args.steps)
     pre = preloaded_step(config, inputs, args.warmup, args.steps)
@@ -395,7 +412,7 @@ def main() -> int:
                          args.warmup, naive_steps)
     naive_big = naive_loop(config, inputs, frame, columns, b, args.warmup, args.steps)
     del frame
-    rows += [
+    return [
         ("1 train", f"real: Petastorm+synchronized+task+Adam, batch {b}", real.per_s, real.p50_per_s,
          "samples/s", "1.00"),
         ("1 train", f"naive primer Dataset+DataLoader, batch {NAIVE_BATCH}", naive32.per_s, naive32.p50_per_s,
@@ -406,37 +423,44 @@ def main() -> int:
          "samples/s", f"real/this = {_ratio(real, pre)}"),
     ]
 
+
+def loader_rows(config, inputs, args) -> list[tuple]:
     # 2. Both passes read from the page cache (an untimed pyarrow pass first).
     print("2. loader only ...", flush=True)
     pyarrow_pass(config, inputs)
     (peta_rows, peta_s), (raw_rows, raw_s) = _best_of(args.loader_rounds, lambda: petastorm_pass(config, inputs),
                                                       lambda: pyarrow_pass(config, inputs))
     peta, raw = peta_rows / peta_s, raw_rows / raw_s
-    rows += [
+    return [
         ("2 loader", f"Petastorm train_batches, whole snapshot ({peta_rows:,} rows)", peta, None, "rows/s", "1.00"),
         ("2 loader", f"pyarrow read_table + to numpy ({raw_rows:,} rows)", raw, None, "rows/s",
          f"petastorm/pyarrow = {peta / raw:.3f}x"),
     ]
 
+
+def ddp_rows(inputs, args, cores: int) -> list[tuple]:
     # 3. On a 2-core machine both ranks share the same two cores (one torch thread each, plus their
     # Petastorm reader threads and gloo), so expect little or no speedup over one process using both
     # cores: the ratio means something only with a core budget (or a GPU) per rank. Against one process
     # at the same threads per process (the baseline row) world=2 simply gets the second core.
-    if not args.skip_ddp:
-        print("3. DDP, 1 then 2 processes ...", flush=True)
-        versions = {k: v for k, v in inputs.table_versions.items()
-                    if k in ("pairs/train", "pairs/valid", "pairs/test", "features/items")}
-        one = ddp_run(1, args.threads, args, versions)
-        two = ddp_run(2, args.threads, args, versions)
-        full = ddp_run(1, cores, args, versions) if cores != args.threads else None
-        rows.append(("3 ddp", f"world=1, {args.threads} torch thread(s), batch {b}", one.per_s, one.p50_per_s,
-                     "samples/s", "1.00"))
-        rows.append(("3 ddp", f"world=2 gloo, {args.threads} thread(s)/rank, global batch {2 * b}", two.per_s,
-                     two.p50_per_s, "samples/s", f"2proc/1proc = {_ratio(two, one)} on {cores} cores"))
-        if full is not None:
-            rows.append(("3 ddp", f"  world=1, {cores} torch threads (all cores), batch {b}", full.per_s,
-                         full.p50_per_s, "samples/s", f"2proc/this = {_ratio(two, full)}"))
+    b = args.batch_size
+    print("3. DDP, 1 then 2 processes ...", flush=True)
+    versions = {k: v for k, v in inputs.table_versions.items()
+                if k in ("pairs/train", "pairs/valid", "pairs/test", "features/items")}
+    one = ddp_run(1, args.threads, args, versions)
+    two = ddp_run(2, args.threads, args, versions)
+    full = ddp_run(1, cores, args, versions) if cores != args.threads else None
+    rows = [("3 ddp", f"world=1, {args.threads} torch thread(s), batch {b}", one.per_s, one.p50_per_s,
+             "samples/s", "1.00"),
+            ("3 ddp", f"world=2 gloo, {args.threads} thread(s)/rank, global batch {2 * b}", two.per_s,
+             two.p50_per_s, "samples/s", f"2proc/1proc = {_ratio(two, one)} on {cores} cores")]
+    if full is not None:
+        rows.append(("3 ddp", f"  world=1, {cores} torch threads (all cores), batch {b}", full.per_s,
+                     full.p50_per_s, "samples/s", f"2proc/this = {_ratio(two, full)}"))
+    return rows
 
+
+def _print_table(rows: list[tuple], cores: int, args, t0: float) -> None:
     print()
     width = max(len(r[1]) for r in rows)
     print(f"{'section':<9} {'measurement':<{width}} {'value':>10} {'p50 step':>10} {'unit':<10} ratio (by value; by p50)")
@@ -445,11 +469,10 @@ def main() -> int:
         print(f"{section:<9} {what:<{width}} {value:>10,.0f} {p50_text} {unit:<10} {ratio}")
     print("value = timed steps x batch / wall time of those steps; p50 step = batch / median step time "
           "(less sensitive to other work on a shared machine)")
-    if cores <= 2 and not args.skip_ddp:
+    if cores <= 2 and any(r[0] == "3 ddp" for r in rows):
         print(f"note: os.cpu_count()={cores}: world=2 x {args.threads} thread(s) uses all the cores that world=1 "
               f"x {args.threads} leaves idle; against world=1 on all {cores} cores expect little or no speedup")
     print(f"total {time.perf_counter() - t0:.0f}s, load average now {os.getloadavg()[0]:.1f}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -113,7 +113,9 @@ def _shard_worker(rank: int, port: int, table: str, out: str) -> None:
             own = sum(1 for _ in batches)  # this rank's full batches, unsynchronized
         with train_batches(snapshot, tiny_schema(), ctx, settings, epoch=0) as batches:
             synced = sum(1 for _ in synchronized(batches, ctx))
-        counts = torch.tensor([own, synced])
+        with train_batches(snapshot, tiny_schema(), ctx, settings, epoch=0) as batches:
+            capped = sum(1 for _ in synchronized(batches, ctx, max_steps=3, lookahead=2))
+        counts = torch.tensor([own, synced, capped])
         gathered = [torch.zeros_like(counts) for _ in range(WORLD)]
         torch.distributed.all_gather(gathered, counts)
         if rank == 0:
@@ -130,7 +132,51 @@ def test_uneven_shards_run_the_same_number_of_steps_on_every_rank_without_hangin
     out = str(tmp_path / "counts.pt")
     mp.spawn(_shard_worker, args=(free_port(), table, out), nprocs=WORLD, join=True)
     counts = torch.load(out, weights_only=True)  # rows: rank; columns: own batches, synchronized steps
-    own, synced = counts[:, 0], counts[:, 1]
+    own, synced, capped = counts[:, 0], counts[:, 1], counts[:, 2]
+    assert capped.tolist() == [3] * WORLD
     assert own[0] != own[1], f"the shards should be uneven for this test to mean anything: {own.tolist()}"
     assert synced.tolist() == [int(own.min())] * WORLD
     assert int(own.sum()) == (640 + 32 + 96 + 352 + 64) // 32  # every full batch is dealt to some rank
+
+
+# ---------------------------------------------------------------- every row once across ranks
+
+
+def _rows_worker(rank: int, port: int, table: str, out: str) -> None:
+    from lake_contract.delta_snapshot import resolve_snapshot
+    from tests.test_loader import as_rows
+    from trainer.data import LoaderSettings, synchronized, train_batches
+
+    set_dist_env(rank, WORLD, port)
+    ctx = init_distributed("ddp", timeout_s=60)
+    try:
+        settings = LoaderSettings(batch_size=32, workers=2, shuffle_buffer=100, seed=7)
+        with train_batches(resolve_snapshot(table), tiny_schema(), ctx, settings, epoch=1) as batches:
+            rows = [as_rows(b) for b in synchronized(batches, ctx)]
+        gathered = ctx.gather_object(rows)
+        if rank == 0:
+            torch.save(gathered, out)
+        ctx.barrier()
+    finally:
+        shutdown(ctx)
+    exit_process(0)
+
+
+def test_two_ranks_train_on_every_row_of_the_snapshot_once_in_equal_steps(tmp_path):
+    import numpy as np
+
+    from lake_contract.delta_snapshot import resolve_snapshot
+    from tests.test_loader import raw_rows, sorted_rows, write_pairs
+
+    table = str(tmp_path / "pairs")
+    write_pairs(table, [96] * 6)  # 3 row groups of 96 rows per rank: 9 batches of 32 each
+    out = str(tmp_path / "rows.pt")
+    mp.spawn(_rows_worker, args=(free_port(), table, out), nprocs=WORLD, join=True)
+    per_rank = torch.load(out, weights_only=False)
+    assert [len(steps) for steps in per_rank] == [9, 9]
+    got = [np.concatenate(steps) for steps in per_rank]
+    both = np.concatenate(got)
+    np.testing.assert_array_equal(sorted_rows(both), sorted_rows(raw_rows(resolve_snapshot(table))))
+    for rows in got:  # whole row groups are dealt to a rank (user_idx counts rows from 1)
+        groups, counts = np.unique((rows[:, 0] - 1) // 96, return_counts=True)
+        assert len(groups) == 3 and counts.tolist() == [96] * 3

@@ -1,5 +1,6 @@
 """Exact resume: SIGKILL a 2-process DDP training mid-epoch after a checkpoint, re-run the same
-command, and end with the same weights as a run that was never killed (bit-exact on CPU)."""
+command, and end with the same weights as a run that was never killed (bit-exact on CPU), with
+2 reader threads per rank (their row groups finish in a racy order; the loader restores it)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def _command(version: str, checkpoint_dir: Path) -> list[str]:
     return [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "jobs.train", "--epochs", "2",
             "--batch-size", "256", "--checkpoint-every", "5", "--checkpoint-dir", str(checkpoint_dir),
             "--version", version, "--no-progress", "--set", "max_steps_per_epoch=20",
-            "--set", "early_stopping_patience=0", "--set", "model.dropout=0.1"]  # dropout: RNG state matters
+            "--set", "early_stopping_patience=0", "--set", "model.dropout=0.1",  # dropout: RNG state matters
+            "--set", "reader_workers=2"]
 
 
 def _errors(proc: subprocess.CompletedProcess) -> str:

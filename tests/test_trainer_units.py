@@ -153,24 +153,19 @@ def test_config_validation_names_the_field():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_offline_negatives_transform_keeps_the_asked_kinds_and_pads():
-    import pandas as pd
+def test_offline_negatives_keep_the_asked_kinds_and_pad():
+    from trainer.data import _offline_negatives
 
-    from trainer.data import _pairs_transform
-
-    frame = pd.DataFrame({
-        "user_idx": [1, 2, 3],
-        "neg_item_idx": [np.array([5, 6, 7]), np.array([], dtype=np.int64), np.array([8, 9, 10, 11])],
-        "neg_kind": [np.array(["random", "hard", "random"]), np.array([], dtype=object),
-                     np.array(["popularity", "random", "random", "random"])],
+    table = pa.table({
+        "user_idx": pa.array([1, 2, 3], pa.int32()),
+        "neg_item_idx": pa.array([[5, 6, 7], [], [8, 9, 10, 11]], pa.list_(pa.int32())),
+        "neg_kind": pa.array([["random", "hard", "random"], [], ["popularity", "random", "random", "random"]],
+                             pa.list_(pa.string())),
     })
-    assert _pairs_transform(tiny_schema(), 0, None) is None  # no negatives, no multi-valued user field
-    spec = _pairs_transform(tiny_schema(), 2, ("random",))
-    out = spec.func(frame.copy())
-    assert list(out.columns) == ["user_idx", "neg_item_idx"]
-    np.testing.assert_array_equal(np.stack(out["neg_item_idx"].to_list()), [[5, 7], [0, 0], [9, 10]])
-    every = _pairs_transform(tiny_schema(), 3, None).func(frame.copy())
-    np.testing.assert_array_equal(np.stack(every["neg_item_idx"].to_list()), [[5, 6, 7], [0, 0, 0], [8, 9, 10]])
+    np.testing.assert_array_equal(_offline_negatives(table, 2, ("random",)), [[5, 7], [0, 0], [9, 10]])
+    np.testing.assert_array_equal(_offline_negatives(table, 3, None), [[5, 6, 7], [0, 0, 0], [8, 9, 10]])
+    np.testing.assert_array_equal(_offline_negatives(table.slice(1), 3, ("popularity", "hard")),
+                                  [[0, 0, 0], [8, 0, 0]])  # a slice of a row group keeps its own rows
 
 
 def test_staging_left_by_a_killed_run_is_removed_but_a_live_one_is_kept(tmp_path):
@@ -232,3 +227,14 @@ def test_a_finetune_is_refused_when_its_pairs_have_other_feature_settings_than_i
     assert "the parent was trained on pairs of features/config v0, the window's pairs come from v2" in str(err.value)
     with pytest.raises(FeatureConfigMismatchError, match="parent model p0 records no feature settings"):
         check_feature_settings(str(tmp_path), "p0", {"table_versions": {"pairs/train": 1}})
+
+
+def test_one_gather_of_positives_and_extras_is_reordered_to_all_positives_then_all_extras():
+    from trainer.task import _positives_first
+
+    # 2 ranks, 3 positives + 2 extras each, as one rank-major all-gather returns them
+    gathered = torch.tensor([10, 11, 12, 50, 51, 20, 21, 22, 60, 61])
+    assert _positives_first(gathered, 2, 3).tolist() == [10, 11, 12, 20, 21, 22, 50, 51, 60, 61]
+    vectors = gathered.float().unsqueeze(1).repeat(1, 4)  # (10, d): rows move whole
+    assert torch.equal(_positives_first(vectors, 2, 3)[:, 0], _positives_first(gathered, 2, 3).float())
+    assert _positives_first(gathered[:6], 2, 3).tolist() == [10, 11, 12, 50, 51, 20]  # no extras: as gathered

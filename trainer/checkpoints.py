@@ -4,11 +4,11 @@ A checkpoint holds everything the rest of the run depends on: model, optimizer a
 scheduler state; epoch, batches done in that epoch and the global step; the early-stopping
 state (best value, best weights, epochs without improvement, history); and the torch RNG
 state of EVERY rank. The data position needs no state of its own: each epoch's batch order
-is a pure function of (seed, epoch, rank) — Petastorm deals row groups in a seeded order to
-one reader worker per rank, and its shuffling buffer draws from an RNG stream of its own
-(``isolated_rng``), so replaying an epoch's first ``b`` batches lands exactly where the killed
-run was. With ``reader_workers > 1`` row groups arrive in thread-completion order: a resume
-then sees the same rows per epoch in a possibly different order (not bit-exact).
+is a pure function of (seed, epoch, rank) — Petastorm deals row groups to ranks in a seeded
+order, the loader puts them back in that order whichever reader thread finishes first, and
+its shuffle draws from a numpy stream of (seed, epoch, rank) (trainer/data.py), so replaying
+an epoch's first ``b`` batches lands exactly where the killed run was, with any number of
+reader threads (tests/test_loader.py, tests/test_resume.py).
 
 Files: ``<folder>/step-<global step, 10 digits>.pt``, written by rank 0 to a temp file and
 renamed (a kill mid-write leaves the previous checkpoint intact); the newest ``keep`` stay.
@@ -157,8 +157,9 @@ def check_compatible(payload: dict[str, Any], config: dict, schema_json: str, wo
 
 class isolated_rng:
     """Iterate ``iterator`` with the global torch RNG swapped for a stream of its own (seeded
-    by ``seed``), so whatever the iterator draws (Petastorm's shuffling buffer uses
-    ``torch.randperm``) neither disturbs nor depends on the training's own draws."""
+    by ``seed``), so whatever the iterator draws neither disturbs nor depends on the training's
+    own draws (the loader now shuffles with numpy and draws none; this keeps it that way for
+    any iterator that does)."""
 
     def __init__(self, iterator: Iterator, seed: int) -> None:
         self.iterator = iterator

@@ -27,6 +27,16 @@ from trainer.losses import (
 from trainer.towers import TowerOutput
 
 
+def _positives_first(gathered: torch.Tensor, world: int, rows: int) -> torch.Tensor:
+    """Rank-major ``[rank 0's rows positives, its extras, rank 1's ...]`` as ``[every rank's
+    positives, every rank's extras]``, the candidate order of the sampled softmax."""
+    per_rank = gathered.view(world, gathered.shape[0] // world, *gathered.shape[1:])
+    if per_rank.shape[1] == rows:
+        return gathered
+    tail = per_rank.shape[2:]
+    return torch.cat([per_rank[:, :rows].reshape(world * rows, *tail), per_rank[:, rows:].reshape(-1, *tail)])
+
+
 @dataclass
 class StepLosses:
     total: torch.Tensor
@@ -73,14 +83,13 @@ class TwoTowerTrainTask:
         extra = self._uniform_items(cfg.mixed_negatives, step) if cfg.mixed_negatives else positives[:0]
         local_items = torch.cat([positives, extra])
         out: TowerOutput = self.model(self._user_inputs(batch), self._items(local_items))
-        pos_vec, extra_vec = out.item[:rows], out.item[rows:]
-        candidates = ctx.gather_with_grad(pos_vec)
+        pos_vec = out.item[:rows]
+        # One gather of every rank's [positives, extras] (vectors with gradient, and their item
+        # ids), reordered to [all ranks' positives, all ranks' extras]: half the collectives of
+        # gathering positives and extras apart (2 forward + 1 backward instead of 4 + 2).
+        candidates = _positives_first(ctx.gather_with_grad(out.item), ctx.world_size, rows)
         with torch.no_grad():
-            candidate_items = ctx.gather_with_grad(positives)
-        if cfg.mixed_negatives:
-            candidates = torch.cat([candidates, ctx.gather_with_grad(extra_vec)])
-            with torch.no_grad():
-                candidate_items = torch.cat([candidate_items, ctx.gather_with_grad(extra)])
+            candidate_items = _positives_first(ctx.gather_with_grad(local_items), ctx.world_size, rows)
         log_q = None
         if cfg.logq:
             log_q = candidate_log_q(self.store.log_q[candidate_items], rows * ctx.world_size,
