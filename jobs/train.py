@@ -29,7 +29,7 @@ Re-running the same command after a crash or kill resumes from its last checkpoi
 (<lake>/checkpoints/<run key>); --fresh starts over. With --version V --exist-ok, a re-run
 that finds models/V complete exits 0 without training (what the DAGs pass).
 
-Presets: dat (default), softmax-mixed, softmax-logq, dssm-bce, dssm-senet-bce (trainer/config.py).
+Presets: dat (default), transformer, softmax-mixed, softmax-logq, dssm-bce, dssm-senet-bce (trainer/config.py).
 """
 
 from __future__ import annotations

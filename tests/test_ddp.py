@@ -24,6 +24,12 @@ CONFIGS = {
                                model=ModelConfig(field_dim=8, hidden=(16,), out_dim=8, dat=True, senet_user=True,
                                                  senet_item=True, history_pooling="attention",
                                                  learn_temperature=True)),
+    # the sequential user tower (causal self-attention blocks over the history) under the
+    # default preset's losses; dropout 0: each rank would draw its own dropout masks
+    "transformer-dat": TrainConfig(loss="softmax", logq=True, dat_mimic_weight=0.5, dat_cal_weight=1.0,
+                                   model=ModelConfig(field_dim=8, hidden=(16,), out_dim=8, dat=True,
+                                                     history_pooling="transformer", seq_layers=2, seq_heads=2,
+                                                     seq_dropout=0.0)),
     "bce": TrainConfig(loss="bce", logq=False, max_offline_negatives=3,
                        model=ModelConfig(field_dim=8, hidden=(16,), out_dim=8, history_pooling="mean+recent")),
 }

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, get_args
 
 Activation = Literal["relu", "gelu", "silu", "tanh"]
-HistoryPooling = Literal["mean", "mean+recent", "attention"]
+HistoryPooling = Literal["mean", "mean+recent", "attention", "transformer"]
 LossKind = Literal["softmax", "bce"]
 OptimizerKind = Literal["adam", "adamw", "adagrad", "sgd"]
 BackendKind = Literal["auto", "ddp", "horovod", "single"]
@@ -43,7 +43,10 @@ class ModelConfig:
     ``history_pooling``: how the user tower pools its point-in-time history through the item
     tower's own item-id embedding table: ``mean`` (YouTube-DNN), ``mean+recent`` (mean of all
     plus mean of the ``recent_k`` most recent, as two fields), ``attention`` (one learned
-    query attends over the history with position embeddings).
+    query attends over the history with position embeddings), ``transformer``
+    (``seq_layers`` causal self-attention blocks of ``seq_heads`` heads, dropout
+    ``seq_dropout``, over the history with position embeddings; the state at the most recent
+    event is the field, plus the history mean as a second field when ``seq_mean_field``).
     ``dat``: Dual Augmented Two-Tower: per-user and per-item augmented vectors (``out_dim``
     wide, so each can mimic the other tower's output) are tower inputs, trained by the
     mimic loss.
@@ -58,6 +61,10 @@ class ModelConfig:
     use_user_id: bool = True
     history_pooling: HistoryPooling = "attention"
     recent_k: int = 5
+    seq_layers: int = 2
+    seq_heads: int = 2
+    seq_dropout: float = 0.1
+    seq_mean_field: bool = True
     senet_user: bool = False
     senet_item: bool = False
     senet_reduction: int = 4
@@ -72,8 +79,12 @@ class ModelConfig:
         _check_positive("ModelConfig", self, ("field_dim", "out_dim", "recent_k", "senet_reduction", "temperature"))
         if not all(isinstance(h, int) and h > 0 for h in self.hidden):
             raise ValueError(f"ModelConfig.hidden must be positive layer widths, got {self.hidden!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "seq_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        _check_positive("ModelConfig", self, ("seq_layers", "seq_heads"))
+        if self.history_pooling == "transformer" and self.field_dim % self.seq_heads:
+            raise ValueError(f"ModelConfig.seq_heads ({self.seq_heads}) must divide field_dim ({self.field_dim})")
         _check_choice("ModelConfig", "activation", self.activation, Activation)
         _check_choice("ModelConfig", "history_pooling", self.history_pooling, HistoryPooling)
 
@@ -201,6 +212,9 @@ PRESETS: dict[str, TrainConfig] = {
     "softmax-mixed": TrainConfig(loss="softmax", logq=True, mixed_negatives=512, model=_BASE_MODEL),
     "dat": TrainConfig(loss="softmax", logq=True, dat_mimic_weight=0.5, dat_cal_weight=1.0,
                        model=replace(_BASE_MODEL, dat=True)),
+    # ``dat`` with the sequential user tower: causal self-attention over the history.
+    "transformer": TrainConfig(loss="softmax", logq=True, dat_mimic_weight=0.5, dat_cal_weight=1.0,
+                               model=replace(_BASE_MODEL, dat=True, history_pooling="transformer")),
 }
 DEFAULT_PRESET = "dat"
 

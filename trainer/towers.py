@@ -14,6 +14,10 @@ Inputs are dicts of int64 tensors:
   entry (from the ``ItemFeatureStore``).
 
 Index 0 is unknown/padding everywhere: its embedding row is zero and gets no gradient.
+
+History encoders (``ModelConfig.history_pooling``): ``mean``, ``mean+recent``, ``attention``
+(one learned query) pool the history; ``transformer`` (``SequentialHistory``) runs causal
+self-attention blocks over it (SASRec-style) and reads the state at the most recent slot.
 """
 
 from __future__ import annotations
@@ -95,6 +99,79 @@ class FieldEmbeddings(nn.Module):
         return out
 
 
+class CausalBlock(nn.Module):
+    """One pre-norm transformer block: multi-head self-attention under a boolean ``allowed``
+    (B, N, N) mask (True = query i may read key j), then a position-wise feed-forward layer
+    (width 4 x dim), each with dropout and a residual connection."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm_attn = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm_ffn = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm_attn(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(d // self.heads)  # (B, H, N, N)
+        scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+        attended = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, n, d)
+        x = x + self.dropout(self.proj(attended))
+        return x + self.dropout(self.ffn(self.norm_ffn(x)))
+
+
+class SequentialHistory(nn.Module):
+    """Causal self-attention over the point-in-time history (SASRec-style).
+
+    ``hist`` (B, N) is most recent first and right-padded with 0 (``lake_contract.
+    feature_contract``): slot 0 is the latest event, slot i the (i+1)-th latest. Each slot
+    embeds its item through the item tower's own table plus a learned embedding of its slot
+    (recency rank); ``seq_layers`` ``CausalBlock``s follow, where slot i attends to itself
+    and the OLDER real events j > i only: never to a more recent event (its future), never to
+    padding. A padding slot attends only to itself, so no row is left without a key, and its
+    state is zeroed after every block. The user's field is the final state at slot 0 (the
+    most recent event, which therefore sees the whole history); a row without history gets
+    the zero vector, as masked mean pooling gives it.
+    """
+
+    def __init__(self, config: ModelConfig, history_length: int) -> None:
+        super().__init__()
+        dim = config.field_dim
+        self.positions = nn.Parameter(torch.randn(max(history_length, 1), dim) * EMBEDDING_INIT_STD)
+        self.dropout = nn.Dropout(config.seq_dropout)
+        self.blocks = nn.ModuleList(CausalBlock(dim, config.seq_heads, config.seq_dropout)
+                                    for _ in range(config.seq_layers))
+        self.norm = nn.LayerNorm(dim)
+
+    @staticmethod
+    def allowed(mask: torch.Tensor) -> torch.Tensor:
+        """(B, N, N) boolean: query slot i may read key slot j when j is i itself, or an older
+        (j > i) real event."""
+        n = mask.shape[1]
+        slots = torch.arange(n, device=mask.device)
+        older = slots.view(1, n) > slots.view(n, 1)  # [i, j] = j > i
+        itself = torch.eye(n, dtype=torch.bool, device=mask.device)
+        return itself.unsqueeze(0) | (older.unsqueeze(0) & mask.unsqueeze(1))
+
+    def states(self, hist: torch.Tensor, item_table: nn.Embedding) -> torch.Tensor:
+        """(B, N, d): the final state of every slot (zero at padding slots)."""
+        mask = hist > 0
+        keep = mask.unsqueeze(-1).to(self.positions.dtype)
+        x = self.dropout(item_table(hist) + self.positions[: hist.shape[1]]) * keep
+        allowed = self.allowed(mask)
+        for block in self.blocks:
+            x = block(x, allowed) * keep
+        return self.norm(x) * keep
+
+    def forward(self, hist: torch.Tensor, item_table: nn.Embedding) -> torch.Tensor:
+        """(B, d): the state at the most recent slot."""
+        return self.states(hist, item_table)[:, 0]
+
+
 class HistoryPooling(nn.Module):
     """Pools ``hist`` (B, N) through the shared item-id table into one or two fields."""
 
@@ -102,15 +179,23 @@ class HistoryPooling(nn.Module):
         super().__init__()
         self.kind = config.history_pooling
         self.recent_k = config.recent_k
+        self.seq_mean_field = config.seq_mean_field
         if self.kind == "attention":
             self.positions = nn.Parameter(torch.randn(max(history_length, 1), config.field_dim) * EMBEDDING_INIT_STD)
             self.query = nn.Parameter(torch.randn(config.field_dim) * EMBEDDING_INIT_STD)
+        elif self.kind == "transformer":
+            self.sequence = SequentialHistory(config, history_length)
 
     @property
     def num_fields(self) -> int:
+        if self.kind == "transformer":
+            return 2 if self.seq_mean_field else 1
         return 2 if self.kind in ("mean+recent", "attention") else 1
 
     def forward(self, hist: torch.Tensor, item_table: nn.Embedding) -> list[torch.Tensor]:
+        if self.kind == "transformer":
+            sequence = self.sequence(hist, item_table)
+            return [masked_mean(item_table(hist), hist > 0), sequence] if self.seq_mean_field else [sequence]
         vectors = item_table(hist)  # (B, N, d)
         mask = hist > 0
         pooled = [masked_mean(vectors, mask)]
