@@ -41,7 +41,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -166,8 +166,7 @@ class UserQueryBuilder:
                           optional=True)
         self.activity_boundaries = self._activity_boundaries()
         self.last_fallbacks = 0
-        self.state_since = self._state_views() if use_state else None
-        self.uses_state = self.state_since is not None
+        self.uses_state = use_state and self._state_views()
 
     # -- setup
 
@@ -184,21 +183,21 @@ class UserQueryBuilder:
         snapshot = self._snapshot(relative)
         return set(snapshot_column_names(snapshot)) if snapshot is not None else set()
 
-    def _state_views(self) -> date | None:
-        """Views ``user_state`` and ``fresh_events`` (bronze files of the dates from the oldest
-        state row's ``as_of`` on); the date, or None when there is no usable state table."""
+    def _state_views(self) -> bool:
+        """Views ``user_state`` and ``fresh_events`` (the bronze files that may hold an event at
+        or after the oldest state row's ``as_of``); False when there is no usable state table."""
         snapshot = self._snapshot(USER_STATE_TABLE)
         if snapshot is None or not snapshot.files:
-            return None
+            return False
         columns = ["user_idx", "n_events", "recent", "seen", "as_of"]
         absent = [c for c in columns if c not in snapshot_column_names(snapshot)]
         if absent:
             log.warning("%s has no column(s) %s: serving reads the users' events; run a full build",
                         USER_STATE_TABLE, absent)
-            return None
+            return False
         oldest = pc.min(read_snapshot_arrow(snapshot, ["as_of"]).column("as_of")).as_py()
         if oldest is None:
-            return None
+            return False
         oldest = _aware(oldest)
         since = oldest.date()
         self._create_view("user_state", USER_STATE_TABLE, {c: c for c in columns})
@@ -213,15 +212,16 @@ class UserQueryBuilder:
             top = maxima.get(path)
             return top is None or _aware(top) + timedelta(milliseconds=1) >= oldest
 
-        self._create_view("fresh_events", BRONZE_INTERACTIONS,
-                          {"user_id": "user_id", "item_id": "item_id", "event_ts": "event_ts"}, keep=recent)
-        self.fresh_files = self._view_files
-        return since
+        self.fresh_files = self._create_view("fresh_events", BRONZE_INTERACTIONS,
+                                             {"user_id": "user_id", "item_id": "item_id", "event_ts": "event_ts"},
+                                             keep=recent)
+        return True
 
     def _create_view(self, view: str, relative: str, columns: dict[str, str], optional: bool = False,
-                     keep: Callable[[dict], bool] | None = None) -> None:
+                     keep: Callable[[str, dict], bool] | None = None) -> int:
         """``view`` over the latest snapshot of ``relative``: ``{alias: source column}``;
-        ``keep(file, partition_values)``: only the files it accepts."""
+        ``keep(file, partition_values)``: only the files it accepts. Returns how many files
+        the view reads."""
         uri = self.lake.table(relative)
         snapshot = self._snapshot(relative)
         if snapshot is None:
@@ -230,7 +230,7 @@ class UserQueryBuilder:
                                     "jobs.build_features on this lake first")
             select = ", ".join(f"CAST(NULL AS BIGINT) AS {_ident(a)}" for a in columns)
             self._con.execute(f"CREATE VIEW {view} AS SELECT {select} WHERE false")
-            return
+            return 0
         self.table_versions[relative] = snapshot.version
         absent = [c for c in columns.values() if c not in snapshot_column_names(snapshot)]
         if absent:
@@ -241,16 +241,16 @@ class UserQueryBuilder:
             raise BadInputError(f"{uri} is partitioned by {in_partition}, which serving reads as data columns")
         files = [f for f, part in zip(snapshot.files, snapshot.partition_values, strict=True)
                  if keep is None or keep(f, part)]
-        self._view_files = len(files)
         if not files:
             types = {"idx": pa.int64(), "user_idx": pa.int64(), "event_ts": pa.timestamp("us", tz="UTC")}
             schema = pa.schema([(a, types.get(a, pa.string())) for a in columns])
             self._con.register(f"_empty_{view}", schema.empty_table())
             self._con.execute(f"CREATE VIEW {view} AS SELECT * FROM _empty_{view}")
-            return
-        files = "[" + ", ".join(_sql_string(_duckdb_path(f)) for f in files) + "]"
+            return 0
+        listed = "[" + ", ".join(_sql_string(_duckdb_path(f)) for f in files) + "]"
         select = ", ".join(f"{_ident(src)} AS {_ident(alias)}" for alias, src in columns.items())
-        self._con.execute(f"CREATE VIEW {view} AS SELECT {select} FROM read_parquet({files}, union_by_name=true)")
+        self._con.execute(f"CREATE VIEW {view} AS SELECT {select} FROM read_parquet({listed}, union_by_name=true)")
+        return len(files)
 
     def _activity_boundaries(self) -> tuple[float, ...]:
         snapshot = self._snapshot("features/spec")
