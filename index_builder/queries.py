@@ -41,7 +41,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -50,7 +50,8 @@ import pyarrow.compute as pc
 
 from lake_contract.delta_snapshot import (
     DeltaSnapshot,
-    file_max_values,
+    as_utc,
+    files_newer_than,
     read_snapshot_arrow,
     resolve_snapshot,
     table_exists,
@@ -116,10 +117,6 @@ def _duckdb_path(file_uri: str) -> str:
 
 def snapshot_column_names(snapshot: DeltaSnapshot) -> list[str]:
     return [f["name"] for f in json.loads(snapshot.schema_json)["fields"]]
-
-
-def _aware(value: datetime) -> datetime:
-    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _arrow(result: Any) -> pa.Table:
@@ -198,19 +195,18 @@ class UserQueryBuilder:
         oldest = pc.min(read_snapshot_arrow(snapshot, ["as_of"]).column("as_of")).as_py()
         if oldest is None:
             return False
-        oldest = _aware(oldest)
+        oldest = as_utc(oldest)
         since = oldest.date()
         self._create_view("user_state", USER_STATE_TABLE, {c: c for c in columns})
         # Only files that may hold an event at or after the oldest as_of: their date partition
         # and their logged max event_ts (+1 ms: the log may truncate it) say so.
         events = self._snapshot(BRONZE_INTERACTIONS)
-        maxima = dict(zip(events.files, file_max_values(events, "event_ts"), strict=True)) if events else {}
+        newer = dict(zip(events.files, files_newer_than(events, "event_ts", oldest), strict=True)) if events else {}
 
         def recent(path: str, part: dict) -> bool:
             if str(part.get("event_date") or "9999") < since.isoformat():
                 return False
-            top = maxima.get(path)
-            return top is None or _aware(top) + timedelta(milliseconds=1) >= oldest
+            return newer.get(path, True)
 
         self.fresh_files = self._create_view("fresh_events", BRONZE_INTERACTIONS,
                                              {"user_id": "user_id", "item_id": "item_id", "event_ts": "event_ts"},

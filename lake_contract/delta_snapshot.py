@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -118,6 +119,19 @@ def file_max_values(snapshot: DeltaSnapshot, column: str) -> list:
     actions = _add_actions(open_table(snapshot.table_uri, snapshot.version))
     by_file = {_absolute_file_uri(snapshot.table_uri, row["path"]): row.get(f"max.{column}") for row in actions}
     return [by_file.get(f) for f in snapshot.files]
+
+
+def files_newer_than(snapshot: DeltaSnapshot, column: str, since: datetime) -> list[bool]:
+    """For each of ``snapshot.files`` (same order): may it hold a row with ``column >= since``?
+    False only where the log records a maximum older than ``since`` (by more than the
+    millisecond the log may have truncated); naive datetimes are taken as UTC."""
+    bound = as_utc(since) - timedelta(milliseconds=1)
+    return [top is None or as_utc(top) >= bound for top in file_max_values(snapshot, column)]
+
+
+def as_utc(value: datetime) -> datetime:
+    """``value`` as a timezone-aware UTC datetime (a naive one is taken as UTC)."""
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def refuse_deletion_vectors(table, table_uri: str) -> None:

@@ -33,7 +33,11 @@ Inputs and their rules:
   most recent first, by ``HISTORY_ORDER``) and ``seen`` (distinct item indices, ascending).
   Serving adds the user's events at or after ``as_of`` (read from the date partitions from
   the oldest ``as_of`` on), so a served user costs their own state plus the recent events,
-  not their whole history in the lake.
+  not their whole history in the lake. The incremental build reads it the same way: a
+  window's users cost their state plus their events since its ``as_of``.
+* **Item state** (``ITEM_STATE_TABLE``, one row per item of ``vocab/item_id``): ``n_events``
+  and ``n_positives`` (every positive, all splits) strictly before ``as_of``; the running
+  counts the incremental build adds a window's events to instead of recounting the lake.
 
 Kept free of pyspark and torch: every package imports it.
 """
@@ -48,9 +52,21 @@ import numpy as np
 from lake_contract.feature_config import ACTIVITY_BOUNDARIES, RECENCY_DAY_BOUNDARIES
 
 __all__ = [
-    "ACTIVITY_BOUNDARIES", "HISTORY_ORDER", "MULTI_VALUED_WIDTH", "NULL_BUCKET", "PRIOR_EVENTS_FIELD",
-    "RECENCY_DAY_BOUNDARIES", "UNKNOWN_INDEX", "USER_STATE_TABLE", "bucket_sql", "history_order_sql",
-    "known_history", "prefix_column", "prefix_sql", "state_recent_length",
+    "ACTIVITY_BOUNDARIES",
+    "HISTORY_ORDER",
+    "ITEM_STATE_TABLE",
+    "MULTI_VALUED_WIDTH",
+    "NULL_BUCKET",
+    "PRIOR_EVENTS_FIELD",
+    "RECENCY_DAY_BOUNDARIES",
+    "UNKNOWN_INDEX",
+    "USER_STATE_TABLE",
+    "bucket_sql",
+    "history_order_sql",
+    "known_history",
+    "prefix_column",
+    "prefix_sql",
+    "state_recent_length",
 ]
 
 UNKNOWN_INDEX = 0
@@ -67,6 +83,10 @@ USER_STATE_TABLE = "features/user_state"
 """Per-user serving state, written by the full build and MERGEd for touched users by the
 incremental build (columns: ``user_idx``, ``user_id``, ``n_events``, ``last_event_ts``,
 ``recent``, ``seen``, ``as_of``)."""
+
+ITEM_STATE_TABLE = "features/item_state"
+"""Per-item running counts, written by the full build and MERGEd for touched items by the
+incremental build (columns: ``item_idx``, ``n_events``, ``n_positives``, ``as_of``)."""
 
 
 def state_recent_length(history_length: int) -> int:

@@ -41,6 +41,7 @@ from pyspark.sql.types import StructType
 
 from lake_contract.delta_snapshot import (
     deltars_location,
+    files_newer_than,
     open_table,
     resolve_snapshot,
     stats_json,
@@ -114,9 +115,24 @@ class DeltaLakeIO:
                  else "Spark writes Parquet, delta-rs commits")
 
     # ------------------------------------------------------------------ reads
-    def read_table(self, table_uri: str, version: int | None = None) -> DataFrame:
-        """The table at ``version`` (latest when None) as a Spark DataFrame."""
+    def read_table(self, table_uri: str, version: int | None = None,
+                   newer_than: tuple[str, datetime] | None = None) -> DataFrame:
+        """The table at ``version`` (latest when None) as a Spark DataFrame.
+
+        ``newer_than=(column, ts)``: only rows with ``column >= ts`` are wanted; the read skips
+        the files whose logged maximum of ``column`` is older, so it costs the recent files,
+        not the table (native: Delta's data skipping on the filter; delta-rs: the file list
+        is cut by the log's statistics, with a millisecond of slack for their precision).
+        The filter itself is applied too."""
         uri = to_uri(table_uri)
+        if newer_than is not None:
+            column, since = newer_than
+            if self.resolved_engine == "native":
+                return self.read_table(uri, version).where(F.col(column) >= F.lit(since))
+            snapshot = resolve_snapshot(uri, version)
+            keep = [f for f, newer in zip(snapshot.files, files_newer_than(snapshot, column, since), strict=True)
+                    if newer]
+            return self._read_files(uri, snapshot, keep).where(F.col(column) >= F.lit(since))
         if self.resolved_engine == "native":
             if not table_exists(uri):
                 raise TableNotFoundError(f"no Delta table at {uri}: run the job that writes it first")
@@ -126,15 +142,18 @@ class DeltaLakeIO:
                 reader = reader.option("versionAsOf", version)
             return reader.load(uri)
         snapshot = resolve_snapshot(uri, version)
+        return self._read_files(uri, snapshot, snapshot.files)
+
+    def _read_files(self, uri: str, snapshot, files: list[str]) -> DataFrame:
         schema = StructType.fromJson(_json(snapshot.schema_json))
-        if not snapshot.files:
+        if not files:
             return self.spark.createDataFrame([], schema)
         # basePath = table root lets Spark parse the hive-style `col=value` folders into the
         # partition columns; the declared schema fixes their types.
         frame = (
             self.spark.read.schema(schema)
             .option("basePath", uri)
-            .parquet(*[_spark_path(f) for f in snapshot.files])
+            .parquet(*[_spark_path(f) for f in files])
         )
         return frame.select(*schema.names)
 

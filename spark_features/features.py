@@ -117,8 +117,14 @@ def activity_columns(events: DataFrame, key: str, cutoff_ts: Column) -> DataFram
     ``events`` must already be restricted to event_ts < cutoff.
     """
     agg = events.groupBy(key).agg(F.count(F.lit(1)).alias("n_events"), F.max("event_ts").alias("last_event_ts"))
+    return activity_from_counts(agg, key, cutoff_ts)
+
+
+def activity_from_counts(counts: DataFrame, key: str, cutoff_ts: Column) -> DataFrame:
+    """``activity_columns`` from per-``key`` ``n_events`` and ``last_event_ts`` already counted
+    (e.g. a user's state row plus the events since it)."""
     recency = (cutoff_ts.cast("double") - F.col("last_event_ts").cast("double")) / 86400.0
-    return agg.withColumn("recency_days", recency).select(
+    return counts.withColumn("recency_days", recency).select(
         key, "n_events", bucketize("n_events", ACTIVITY_BOUNDARIES).alias("n_events_bucket"),
         "last_event_ts", "recency_days", bucketize("recency_days", RECENCY_DAY_BOUNDARIES).alias("recency_bucket"),
     )

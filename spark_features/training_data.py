@@ -2,7 +2,8 @@
 
 One function, ``build_training_data``, reads the bronze snapshots, grows the append-only
 vocabularies, computes ``features/users`` / ``features/items`` / ``features/spec`` /
-``features/user_state`` (serving's per-user state) and writes ``pairs/{train,valid,test}``. Every write goes through ``DeltaLakeIO``; pairs and features
+``features/user_state`` (serving's per-user state), ``features/item_state`` (running item
+counts) and writes ``pairs/{train,valid,test}``. Every write goes through ``DeltaLakeIO``; pairs and features
 are staged first and committed last, so a failure leaves every table as it was.
 
 pairs/<split> columns: ``pair_id, user_idx, item_idx, event_ts, rating, label, weight,
@@ -31,13 +32,19 @@ from pyspark.storagelevel import StorageLevel
 from lake_contract.delta_snapshot import table_version
 from lake_contract.errors import TableNotFoundError
 from lake_contract.feature_config import ACTIVITY_BOUNDARIES, FEATURE_CONFIG_TABLE, FeatureConfig
-from lake_contract.feature_contract import HISTORY_ORDER, USER_STATE_TABLE, state_recent_length
+from lake_contract.feature_contract import (
+    HISTORY_ORDER,
+    ITEM_STATE_TABLE,
+    USER_STATE_TABLE,
+    state_recent_length,
+)
 from lake_contract.lake import BRONZE_TABLES, Lake
 from spark_features.delta_io import DeltaLakeIO, WriteResult
 from spark_features.features import (
     FEATURE_SPEC_SCHEMA,
     FeatureColumn,
     activity_columns,
+    activity_from_counts,
     bucketize,
     log_q_column,
     plan_feature_columns,
@@ -59,6 +66,7 @@ from spark_features.pairs import (
 from spark_features.vocab import VocabInfo, index_array_column, index_column, load_vocab, update_vocab
 
 MIN_PAIR_FILES = 16
+FEATURE_ROWS_PER_FILE = 250_000
 ROW_GROUP_BYTES = 8 * 1024 * 1024
 
 
@@ -184,6 +192,7 @@ def build_training_data(
     ).persist(StorageLevel.MEMORY_AND_DISK)
     user_state = user_state_rows(with_all_ids(None, user_vocab, "user_id", "user_idx"), events, as_of,
                                  state_recent_length(config.history_length))
+    item_state = item_state_rows(with_all_ids(None, item_vocab, "item_id", "item_idx"), events, as_of)
     spec_rows = [
         (c.table, c.column, c.feature, c.kind, c.vocab,
          list(boundaries.get(f"{c.table}.{c.column}", ())) if c.kind == "bucket" else None)
@@ -225,10 +234,18 @@ def build_training_data(
 
     # ---- stage every write, then commit them all
     staged = []
-    for name, frame in (("features/users", user_features), ("features/items", item_features), ("features/spec", spec),
-                        (FEATURE_CONFIG_TABLE, saved_config), (USER_STATE_TABLE, user_state)):
-        staged.append((name, io.stage_write(frame.coalesce(max(1, math.ceil(vocabs["item_id"].size / 1_000_000))),
-                                            lake.table(name), overwrite_schema=True)))
+    # Files sized by each table's own rows (one per FEATURE_ROWS_PER_FILE), so an hourly MERGE
+    # rewrites the files of the touched rows, not the whole table.
+    users_files = _feature_files(vocabs["user_id"].size)
+    items_files = _feature_files(vocabs["item_id"].size)
+    for name, frame, n_files, key in (
+            ("features/users", user_features, users_files, "user_idx"),
+            ("features/items", item_features, items_files, "item_idx"),
+            ("features/spec", spec, 1, None), (FEATURE_CONFIG_TABLE, saved_config, 1, None),
+            (USER_STATE_TABLE, user_state, users_files, "user_idx"),
+            (ITEM_STATE_TABLE, item_state, items_files, "item_idx")):
+        frame = frame.coalesce(1) if n_files == 1 else frame.repartitionByRange(n_files, key)
+        staged.append((name, io.stage_write(frame, lake.table(name), overwrite_schema=True)))
     for split in SPLITS:
         rows = split_counts.get(split, 0)
         frame = base.where(F.col("split") == split).drop("split")
@@ -253,6 +270,10 @@ def build_training_data(
         bronze_versions=versions, vocabs=vocabs, written=written, pair_counts=split_counts,
         holdout_users=holdout_users, negative_mix=negative_mix, as_of=as_of, stage_seconds=timings,
     )
+
+
+def _feature_files(rows: int) -> int:
+    return max(1, math.ceil(rows / FEATURE_ROWS_PER_FILE))
 
 
 def pair_rows(positives: DataFrame, user_static: DataFrame, extra: list[str] | None = None) -> DataFrame:
@@ -315,10 +336,16 @@ def with_all_ids(features: DataFrame | None, vocab: DataFrame, id_col: str, idx_
     return joined
 
 
-def user_feature_rows(user_attrs: DataFrame, events: DataFrame, as_of: datetime) -> DataFrame:
-    """features/users rows: attributes plus activity as of ``as_of`` from ``events``
-    (which must hold every event of these users before ``as_of``)."""
-    activity = activity_columns(events.where(F.col("event_ts") < F.lit(as_of)), "user_idx", F.lit(as_of))
+def user_feature_rows(user_attrs: DataFrame, events: DataFrame | None, as_of: datetime,
+                      counts: DataFrame | None = None) -> DataFrame:
+    """features/users rows: attributes plus activity as of ``as_of``, from ``events`` (which
+    must hold every event of these users before ``as_of``) or from ``counts`` (``user_idx``,
+    ``n_events``, ``last_event_ts`` as of ``as_of``: the users' new state rows)."""
+    if counts is not None:
+        activity = activity_from_counts(counts.select("user_idx", "n_events", "last_event_ts"), "user_idx",
+                                        F.lit(as_of))
+    else:
+        activity = activity_columns(events.where(F.col("event_ts") < F.lit(as_of)), "user_idx", F.lit(as_of))
     return (user_attrs.join(activity, "user_idx", "left").withColumn("as_of", F.lit(as_of))
             .fillna(0, ["n_events", "n_events_bucket", "recency_bucket"]))
 
@@ -344,15 +371,32 @@ def user_state_rows(users: DataFrame, events: DataFrame, as_of: datetime, recent
     ))
 
 
-def item_feature_rows(item_attrs: DataFrame, events: DataFrame, counted_positives: DataFrame, total_positives: int,
-                      primary) -> DataFrame:
+def item_state_rows(items: DataFrame, events: DataFrame, as_of: datetime) -> DataFrame:
+    """``features/item_state`` rows (``lake_contract.feature_contract.ITEM_STATE_TABLE``) for
+    every item of ``items`` (``item_idx``): events and positives (``is_positive``, every split)
+    strictly before ``as_of``, from ``events`` (indexed, labelled)."""
+    counts = events.where(F.col("event_ts") < F.lit(as_of)).groupBy("item_idx").agg(
+        F.count(F.lit(1)).alias("n_events"), F.count(F.when(F.col("is_positive"), 1)).alias("n_positives"))
+    return (items.select(F.col("item_idx").cast("int").alias("item_idx")).join(counts, "item_idx", "left").select(
+        "item_idx", F.coalesce("n_events", F.lit(0)).cast("long").alias("n_events"),
+        F.coalesce("n_positives", F.lit(0)).cast("long").alias("n_positives"),
+        F.lit(as_of).cast("timestamp").alias("as_of")))
+
+
+def item_feature_rows(item_attrs: DataFrame, events: DataFrame | None, counted_positives: DataFrame | None,
+                      total_positives: int, primary, counts: DataFrame | None = None) -> DataFrame:
     """features/items rows: attributes, n_events / n_positives, popularity bucket, primary
-    category and log_q (share of ``total_positives``)."""
-    item_events = events.groupBy("item_idx").agg(F.count(F.lit(1)).alias("n_events"))
-    item_pos = counted_positives.groupBy("item_idx").agg(F.count(F.lit(1)).alias("n_positives"))
+    category and log_q (share of ``total_positives``). The counts come from ``events`` and
+    ``counted_positives``, or ready-made from ``counts`` (``item_idx``, ``n_events``,
+    ``n_positives``: the items' new state rows)."""
+    if counts is not None:
+        joined = item_attrs.join(counts.select("item_idx", "n_events", "n_positives"), "item_idx", "left")
+    else:
+        item_events = events.groupBy("item_idx").agg(F.count(F.lit(1)).alias("n_events"))
+        item_pos = counted_positives.groupBy("item_idx").agg(F.count(F.lit(1)).alias("n_positives"))
+        joined = item_attrs.join(item_events, "item_idx", "left").join(item_pos, "item_idx", "left")
     return (
-        item_attrs.join(item_events, "item_idx", "left").join(item_pos, "item_idx", "left")
-        .fillna(0, ["n_events", "n_positives"])
+        joined.fillna(0, ["n_events", "n_positives"])
         .withColumn("popularity_bucket", bucketize("n_events", ACTIVITY_BOUNDARIES))
         .withColumn("primary_category_idx", primary)
         .withColumn("log_q", log_q_column(F.col("n_positives"), total_positives))

@@ -126,7 +126,7 @@ DAY2_EVENTS = [("u4", "i6", HOUR10 + 10, 5), ("u4", "i1", HOUR10 + 20, 4), ("u1"
 
 def _snapshot_all(lake_root):
     tables = ["vocab/user_id", "vocab/item_id", "vocab/users.gender", "vocab/items.genres",
-              "features/users", "features/items", "pairs/incremental"]
+              "features/users", "features/items", "features/user_state", "features/item_state", "pairs/incremental"]
     return {t: _rows(lake_root, t) for t in tables}
 
 
@@ -154,6 +154,21 @@ def test_incremental_hour_appends_ids_merges_features_and_is_idempotent(spark, b
 
     report = run()
     assert (report.events, report.new_users, report.new_items, report.pairs) == (3, 1, 1, 3)
+    # The fast path: every touched user and item starts from its state row (or, new, from the
+    # full build's as_of: one microsecond after day 1's last event), none reads its whole past.
+    full_as_of = dt.datetime(2026, 1, 1, 0, 8, 20, 1, tzinfo=dt.UTC)
+    assert (report.past_since, report.fallback_users, report.fallback_items) == (full_as_of, 0, 0)
+    end = start + dt.timedelta(hours=1)
+    # features/item_state: i1 (index 2) and i6 (6) gained the hour's events, the rest unchanged.
+    assert [tuple(r.values()) for r in _rows(lake_root, "features/item_state", key=lambda r: r["item_idx"])] == [
+        (1, 3, 3, full_as_of), (2, 3, 3, end), (3, 1, 1, full_as_of), (4, 1, 1, full_as_of),
+        (5, 1, 1, full_as_of), (6, 2, 2, end)]
+    state = {r["user_id"]: (r["n_events"], r["last_event_ts"], r["recent"], r["seen"], r["as_of"])
+             for r in _rows(lake_root, "features/user_state")}
+    at = lambda seconds: dt.datetime.fromtimestamp(seconds, dt.UTC)  # noqa: E731
+    assert state["u1"] == (5, at(HOUR10 + 30), [6, 4, 3, 1, 2], [1, 2, 3, 4, 6], end)  # newest first
+    assert state["u4"] == (2, at(HOUR10 + 20), [2, 6], [2, 6], end)
+    assert state["u3"] == (1, at(DAY1 + 500), [1], [1], full_as_of)
     items_after = read_vocab_mapping(str(lake_root), "item_id")
     assert {k: items_after[k] for k in old_items} == old_items  # yesterday's ids keep their index
     assert items_after["i6"] == 6
@@ -169,8 +184,11 @@ def test_incremental_hour_appends_ids_merges_features_and_is_idempotent(spark, b
     vocab_version = table_version(str(lake_root / "vocab/user_id"))
     # Again, given no settings: the full build's saved ones (history 3, random:2) are used, so
     # the tables are the same as with _config() (the defaults, history 50, would change them).
-    build_incremental(spark, io, lake, None, start, start + dt.timedelta(hours=1), "2026-01-02T10",
-                      say=lambda _s: None)
+    again = build_incremental(spark, io, lake, None, start, start + dt.timedelta(hours=1), "2026-01-02T10",
+                              say=lambda _s: None)
+    # Their state rows now hold this window, so the re-run reads their whole history instead:
+    # the slow path, with the same tables.
+    assert (again.fallback_users, again.fallback_items) == (2, 2)
     assert _snapshot_all(lake_root) == first
     assert table_version(str(lake_root / "vocab/user_id")) == vocab_version  # nothing new: no commit
 
