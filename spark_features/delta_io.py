@@ -410,8 +410,13 @@ class DeltaLakeIO:
         if replaced:
             filters = [(col, "in", vals) for col, vals in replaced.items()]
         write_id = uuid.uuid4().hex  # finds this write's own commit afterwards (another may land right after)
+        app_transactions = None
+        if staged.app_transaction is not None:
+            from deltalake.transaction import Transaction
+
+            app_transactions = [Transaction(*staged.app_transaction)]
         props = CommitProperties(custom_metadata={"towerlake.writer": "spark+delta-rs", "towerlake.write_id": write_id},
-                                 max_commit_retries=3)
+                                 max_commit_retries=0 if staged.exclusive else 3, app_transactions=app_transactions)
         try:
             if not staged.table_existed:
                 try:
@@ -480,6 +485,12 @@ class StagedWrite:
     table_existed: bool
     read_version: int | None
     removes: tuple = ()  # RemoveActions committed with the adds (upsert)
+    # (app id, version): a Delta application transaction (``txn`` action) the commit carries;
+    # a concurrent commit carrying the same app id makes this one fail (both engines check it).
+    app_transaction: tuple[str, int] | None = None
+    # True: commit exactly on top of read_version or fail with CommitConflictError (no retry
+    # over a concurrent commit, even a compatible one such as another append).
+    exclusive: bool = False
 
 
 def native_delta_available(spark: SparkSession) -> bool:

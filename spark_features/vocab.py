@@ -13,11 +13,26 @@ are stable forever:
   descending, then value ascending, so the same input always yields the same vocabulary.
 
 An update that adds nothing writes nothing (no new Delta version), so re-running it is a
-no-op. Otherwise the whole vocabulary (old rows + new rows) is written as ONE overwrite
+no-op. Otherwise it APPENDS only its new rows (one file; the old files are untouched) as ONE
 commit planned against the version the old rows were read from: of two concurrent updates
 one commits and the other raises ``CommitConflictError`` (re-run it), instead of both
-appending colliding indices. Vocabularies are catalog-sized, so rewriting them is cheap;
-counting the events happens in Spark, and only scalars reach the driver.
+appending colliding indices (``_commit``: a Delta application transaction on both engines,
+and no commit retry on delta-rs).
+
+Cost of an update: counting ``values`` (the events, in Spark), ONE pass over the old rows (the
+anti-join that keeps the values they lack), then O(new rows): the invariant check of the new
+rows (values unique and not blank, indices exactly ``max + 1 .. max + n``) and the write. The
+old table's row count and max index come from the Delta log's file statistics, not a job.
+Only scalars reach the driver.
+
+Files: every update that adds values adds one file, so the file count grows with the number
+of such updates, not with the data. It is bounded by compaction: an update that finds more
+than ``COMPACT_ABOVE_FILES`` small files (beyond one per ``max_records_per_file`` rows)
+rewrites old + new rows as one file set in the same kind of pinned commit, after the full
+``check_vocab_extends`` of every old row; that O(vocabulary) rewrite happens once every
+``COMPACT_ABOVE_FILES`` adding updates (a day and a half of hourly windows that add ids).
+Replaced files stay on disk for time travel until a Delta VACUUM removes them (maintenance,
+as for every table of the lake).
 
 The pyspark-free readers (``read_vocab_info``, ``read_vocab_sizes``, ``read_vocab_mapping``)
 and ``VocabInfo`` live in ``lake_contract.vocab_registry``.
@@ -36,13 +51,14 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
-from lake_contract.delta_snapshot import table_version
+from lake_contract.delta_snapshot import file_max_values, resolve_snapshot, snapshot_file_path, table_version
 from lake_contract.errors import CommitConflictError, TowerlakeError
 from lake_contract.lake import Lake
 from lake_contract.vocab_registry import UNKNOWN_INDEX, VocabInfo, vocab_table
 from spark_features.delta_io import DeltaLakeIO, WriteResult
 
 __all__ = [
+    "COMPACT_ABOVE_FILES",
     "MAP_LOOKUP_MAX_VALUES",
     "UNKNOWN_INDEX",
     "VOCAB_SCHEMA",
@@ -54,6 +70,7 @@ __all__ = [
     "index_array_column",
     "index_column",
     "load_vocab",
+    "rank_new_values",
     "update_vocab",
     "vocab_table",
 ]
@@ -71,6 +88,12 @@ VOCAB_SCHEMA = T.StructType([
 # Spark's maps are array-backed (a lookup scans the keys), so the map lookup only pays off
 # for small vocabularies; bigger ones go through explode + join + re-aggregate.
 MAP_LOOKUP_MAX_VALUES = 1_000
+
+# An update compacts the vocabulary (rewrites it as one file set) once it holds more small
+# files than this; every other update that adds values appends one file.
+COMPACT_ABOVE_FILES = 32
+# The Delta application-transaction id of every vocabulary commit (see _commit).
+_APP_ID = "towerlake.vocab"
 
 _VALUE = "_tl_vocab_value"
 _INDEX = "_tl_vocab_index"
@@ -97,6 +120,7 @@ def update_vocab(
     min_count: int = 1,
     run_key: str = "full",
     *,
+    compact_above_files: int = COMPACT_ABOVE_FILES,
     _race_hook: RaceHook | None = None,
 ) -> VocabInfo:
     """Add the new values of ``values`` to ``vocab/<name>`` and return what the table holds.
@@ -105,55 +129,73 @@ def update_vocab(
     are ignored). Values seen at least ``min_count`` times and not yet in the vocabulary get
     the next indices. ``run_key`` is recorded as ``added_by`` on the new rows.
 
+    The new rows are appended (the old files are untouched) unless the vocabulary does not
+    exist yet or already holds more than ``compact_above_files`` small files: then old and new
+    rows are rewritten as one file set (see the module docstring).
+
     Raises ``ValueError`` (bad name, min_count, run_key or input column),
     ``CommitConflictError`` (another update committed since this one read the table; nothing
     was written, re-run), ``VocabInvariantError`` (the write would break stable ids; never
     expected). ``_race_hook`` is a test seam, called with ``"planned"`` (old rows read, new
-    rows assigned and checked) and ``"staged"`` (files written, not committed).
+    rows assigned and checked) and ``"staged"`` (delta-rs: files written, not committed;
+    native: version re-checked, just before Spark's write-and-commit).
     """
     table = vocab_table(name)
     _check_min_count(min_count)
     if not isinstance(run_key, str) or not run_key.strip():
         raise ValueError(f"run_key must be a non-empty string such as 'full' or '2026-01-05T13', got {run_key!r}")
+    if isinstance(compact_above_files, bool) or not isinstance(compact_above_files, int) or compact_above_files < 1:
+        raise ValueError(f"compact_above_files must be an integer >= 1, got {compact_above_files!r}")
     _check_column_type(values, "value", T.StringType(), "values")
 
     uri = lake.table(table)
     read_version = table_version(uri)
     if read_version is None:
         old = _empty(io.spark, VOCAB_SCHEMA)
-        old_rows, old_max, old_min_count = 0, 0, min_count
+        state = _OldState(rows=0, max_index=0, files=0, schema_json=None, newest_file=None)
     else:
         old = io.read_table(uri, read_version)
-        old_rows, old_max, old_min_count = _summary(old)
+        state = _old_state(uri, read_version) or _old_state_by_spark(old, uri, read_version)
 
-    new_rows = assign_new_indices(count_values(values, min_count), old, old_max, min_count, run_key)
-    new_rows = new_rows.persist(StorageLevel.MEMORY_AND_DISK)  # checked, then written: compute once
+    # The only pass over the old rows: the anti-join that keeps the values they lack.
+    fresh = rank_new_values(count_values(values, min_count), old).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        rows, max_index = check_vocab_extends(old, old.unionByName(new_rows))
-        added = rows - old_rows
+        added = _check_new_rows(fresh, name)
         if added == 0:
-            log.info("vocab %s: no new values (version %s, %d values): nothing written", name, read_version, old_rows)
+            old_min_count = _newest_min_count(old, state) if read_version is not None else min_count
+            log.info("vocab %s: no new values (version %s, %d values): nothing written", name, read_version, state.rows)
             return VocabInfo(
-                name=name, size=old_max + 1, num_values=old_rows,
+                name=name, size=state.max_index + 1, num_values=state.rows,
                 min_count=old_min_count, version=read_version,
-            )
-        if max_index != old_max + added:
-            raise VocabInvariantError(
-                f"vocab {name}: {added} new value(s) after index {old_max} of version {read_version} should end at "
-                f"index {old_max + added}, they end at {max_index}; nothing was written"
             )
         if _race_hook is not None:
             _race_hook("planned")
-        # One file set for the whole vocabulary (split at maxRecordsPerFile), in index order:
-        # without the coalesce every update would add a file to the next one's read.
-        full = _conform(old.unionByName(new_rows)).coalesce(1).sortWithinPartitions("index")
-        result = _commit_overwrite(io, full, uri, read_version, _race_hook)
+        new_rows = _conform(_with_indices(fresh, state.max_index, min_count, run_key))
+        compact = read_version is not None and state.files > compact_above_files + state.rows // io.max_records_per_file
+        if read_version is None:
+            result = _commit(io, new_rows.coalesce(1).sortWithinPartitions("index"), uri, None, "overwrite",
+                             None, _race_hook)
+        elif compact:
+            full = _conform(old.unionByName(new_rows))
+            rows, max_index = check_vocab_extends(old, full)  # a rewrite re-checks every old row
+            if rows != state.rows + added or max_index != state.max_index + added:
+                raise VocabInvariantError(
+                    f"vocab {name}: compacting version {read_version} ({state.rows} values up to index "
+                    f"{state.max_index}) plus {added} new value(s) gives {rows} values up to index {max_index}; "
+                    "nothing was written"
+                )
+            # One file set (split at maxRecordsPerFile), in index order.
+            result = _commit(io, full.coalesce(1).sortWithinPartitions("index"), uri, read_version, "overwrite",
+                             state.schema_json, _race_hook)
+        else:
+            result = _commit(io, new_rows.coalesce(1).sortWithinPartitions("index"), uri, read_version, "append",
+                             state.schema_json, _race_hook)
     finally:
-        new_rows.unpersist()
+        fresh.unpersist()
     log.info("vocab %s: added %d values (indices %d..%d, min_count %d, %s) -> %s",
-             name, added, old_max + 1, old_max + added, min_count, run_key, result.describe())
+             name, added, state.max_index + 1, state.max_index + added, min_count, run_key, result.describe())
     return VocabInfo(
-        name=name, size=old_max + added + 1, num_values=old_rows + added,
+        name=name, size=state.max_index + added + 1, num_values=state.rows + added,
         min_count=min_count, version=result.version, added=added,
     )
 
@@ -173,6 +215,20 @@ def count_values(values: DataFrame, min_count: int = 1) -> DataFrame:
     )
 
 
+def rank_new_values(counts: DataFrame, old: DataFrame) -> DataFrame:
+    """``(value, rank long, count long)`` for the values of ``counts`` that ``old`` lacks, ranked
+    ``1, 2, ...`` by count descending, then value ascending (the order new indices follow)."""
+    fresh = counts.join(old.select("value"), "value", "left_anti")
+    # One window over all new values of ONE update (catalog-sized, not event-sized): a single
+    # partition is what makes the numbering dense and deterministic.
+    order = Window.orderBy(F.col("count").desc(), F.col("value").asc())
+    return fresh.select(
+        "value",
+        F.row_number().over(order).cast("long").alias("rank"),
+        F.col("count").cast("long").alias("count"),
+    )
+
+
 def assign_new_indices(
     counts: DataFrame, old: DataFrame, after_index: int, min_count: int, run_key: str
 ) -> DataFrame:
@@ -180,17 +236,51 @@ def assign_new_indices(
 
     Indices are ``after_index + 1, + 2, ...`` by count descending, then value ascending.
     """
-    fresh = counts.join(old.select("value"), "value", "left_anti")
-    # One window over all new values of ONE update (catalog-sized, not event-sized): a single
-    # partition is what makes the numbering dense and deterministic.
-    order = Window.orderBy(F.col("count").desc(), F.col("value").asc())
-    return fresh.select(
+    return _with_indices(rank_new_values(counts, old), after_index, min_count, run_key)
+
+
+def _with_indices(ranked: DataFrame, after_index: int, min_count: int, run_key: str) -> DataFrame:
+    return ranked.select(
         "value",
-        (F.lit(after_index) + F.row_number().over(order)).cast("long").alias("index"),
+        (F.lit(after_index) + F.col("rank")).cast("long").alias("index"),
         F.col("count").cast("long").alias("count"),
         F.lit(min_count).cast("int").alias("min_count"),
         F.lit(run_key).alias("added_by"),
     )
+
+
+def _check_new_rows(ranked: DataFrame, name: str) -> int:
+    """Check the new rows of one update (``rank_new_values``) in one small job, O(new rows):
+    values unique and not blank, ranks exactly ``1..n``. Returns n; raises
+    ``VocabInvariantError`` naming what is wrong otherwise.
+
+    That the values are not in the vocabulary already is the anti-join against the very
+    snapshot the commit is planned on; the old rows are never rewritten by an append.
+    """
+    value, rank = F.col("value"), F.col("rank")
+    stats = ranked.agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.count_distinct(value).alias("values"),
+        F.count_distinct(rank).alias("ranks"),
+        F.min(rank).alias("min_rank"),
+        F.max(rank).alias("max_rank"),
+        F.count(F.when(value.isNull(), 1)).alias("nulls"),
+        F.count(F.when(value.isNull() | value.rlike(r"(?U)^\s*$"), 1)).alias("blank"),
+    ).first()
+    rows = int(stats["rows"])
+    problems = []
+    if stats["blank"]:
+        problems.append(f"{stats['blank']} null or blank value(s)")
+    if stats["values"] + stats["nulls"] != rows:  # count_distinct skips nulls
+        problems.append(f"duplicate values ({rows} new rows, {stats['values']} distinct values)")
+    if rows and (stats["ranks"] != rows or stats["min_rank"] != 1 or stats["max_rank"] != rows):
+        problems.append(
+            f"{rows} new rows numbered {stats['min_rank']}..{stats['max_rank']} with {stats['ranks']} distinct "
+            "numbers (must be exactly 1..n)"
+        )
+    if problems:
+        raise VocabInvariantError(f"vocab {name}: write refused: " + "; ".join(problems) + "; nothing was written")
+    return rows
 
 
 def check_vocab_extends(old: DataFrame, new: DataFrame) -> tuple[int, int]:
@@ -250,10 +340,24 @@ def check_vocab_extends(old: DataFrame, new: DataFrame) -> tuple[int, int]:
     return rows, int(stats["max_index"] or 0)
 
 
-def _commit_overwrite(
-    io: DeltaLakeIO, frame: DataFrame, uri: str, read_version: int | None, race_hook: RaceHook | None
+def _commit(
+    io: DeltaLakeIO,
+    frame: DataFrame,
+    uri: str,
+    read_version: int | None,
+    mode: Literal["overwrite", "append"],
+    schema_json: str | None,
+    race_hook: RaceHook | None,
 ) -> WriteResult:
-    """Write ``frame`` as the whole table in one commit that only succeeds on top of ``read_version``."""
+    """Write ``frame`` (the whole table, or the rows to append) in one commit that only
+    succeeds right on top of ``read_version``.
+
+    Every vocabulary commit carries the Delta application transaction ``(_APP_ID, version it
+    creates)``: delta-spark skips a write whose transaction version is not above the last one
+    recorded and fails one whose read app id a concurrent commit also wrote; delta-rs fails it
+    on any commit since ``read_version`` (no retry). An append could otherwise land on top of a
+    concurrent one and give two values the same index.
+    """
     expected = 0 if read_version is None else read_version + 1
     if io.resolved_engine == "native":
         # Spark commits while writing, against the version it sees then: refuse if that moved.
@@ -263,14 +367,29 @@ def _commit_overwrite(
                 f"{uri} moved from version {read_version} to {now} while this vocabulary update was planned: "
                 "nothing was written; re-run the job"
             )
-        result = io.write_table(frame, uri, mode="overwrite")
+        if race_hook is not None:
+            race_hook("staged")
+        result = io.write_table(frame, uri, mode=mode,
+                                options={"txnAppId": _APP_ID, "txnVersion": str(expected)})
+        if result.files_added == 0 and result.rows_written == 0:
+            # Delta skipped the write: a concurrent update already committed this transaction version.
+            raise CommitConflictError(
+                f"{uri}: another vocabulary update committed version {expected} while this one was being written: "
+                "nothing was written; re-run the job"
+            )
     else:
         # write_table's two halves, so that the commit is pinned to read_version, the version
         # the new indices were planned from, not the (possibly newer) one stage_write saw.
-        staged = io.stage_write(frame, uri, mode="overwrite")
+        staged = io.stage_write(frame, uri, mode=mode)
         if race_hook is not None:
             race_hook("staged")
-        pinned = dataclasses.replace(staged, table_existed=read_version is not None, read_version=read_version)
+        pinned = dataclasses.replace(
+            staged, table_existed=read_version is not None, read_version=read_version,
+            app_transaction=(_APP_ID, expected), exclusive=True,
+            # An append keeps the table's schema as it is; an overwrite declares VOCAB_SCHEMA
+            # (NOT NULL flags included: Spark's schema of new rows alone says count is never null).
+            schema_json=schema_json if mode == "append" and schema_json else VOCAB_SCHEMA.json(),
+        )
         result = io.commit_staged(pinned)
     if result.version != expected:
         # Only a writer that bypasses update_vocab can get here (its commit was not a conflict).
@@ -280,6 +399,56 @@ def _commit_overwrite(
             f"{expected}..{result.version}, restore the right one and re-run"
         )
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _OldState:
+    """What an update needs to know of the version it read, from the Delta log."""
+
+    rows: int
+    max_index: int  # 0 when empty
+    files: int
+    schema_json: str | None
+    newest_file: str | None  # the file holding max_index
+
+
+def _old_state(uri: str, version: int) -> _OldState | None:
+    """Rows, max index and files of ``version`` from the Delta log's per-file statistics (no
+    Spark job, no data file opened); None when a file lacks them."""
+    snapshot = resolve_snapshot(uri, version)
+    maxima = file_max_values(snapshot, "index")
+    if snapshot.num_rows is None or (snapshot.num_rows and any(m is None for m in maxima)):
+        return None
+    max_index, newest = 0, None
+    for file, top in zip(snapshot.files, maxima, strict=True):
+        if top is not None and int(top) > max_index:
+            max_index, newest = int(top), file
+    return _OldState(rows=snapshot.num_rows, max_index=max_index, files=len(snapshot.files),
+                     schema_json=snapshot.schema_json, newest_file=newest)
+
+
+def _old_state_by_spark(old: DataFrame, uri: str, version: int) -> _OldState:
+    rows, max_index, _ = _summary(old)
+    snapshot = resolve_snapshot(uri, version)
+    return _OldState(rows=rows, max_index=max_index, files=len(snapshot.files),
+                     schema_json=snapshot.schema_json, newest_file=None)
+
+
+def _newest_min_count(old: DataFrame, state: _OldState) -> int:
+    """min_count of the row with the max index (the threshold of the newest update): read from
+    the one file that holds it, else by a Spark job."""
+    if state.rows == 0:
+        return 1
+    if state.newest_file is not None:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        piece = pq.read_table(snapshot_file_path(state.newest_file), columns=["index", "min_count"])
+        at = pc.index(piece.column("index"), state.max_index).as_py()
+        if at >= 0:
+            found = piece.column("min_count")[at].as_py()
+            return int(found) if found is not None else 1
+    return _summary(old)[2]
 
 
 def _summary(vocab: DataFrame) -> tuple[int, int, int]:

@@ -329,3 +329,106 @@ def test_vocab_registry_imports_without_pyspark():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def _commit_actions(lake, name, version) -> list[dict]:
+    """The actions of one commit, read from its Delta log file."""
+    log_file = Path(lake.table(vocab_table(name)).removeprefix("file://")) / "_delta_log" / f"{version:020d}.json"
+    return [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+
+
+def _file_rows(lake, name, relative) -> list[tuple]:
+    from urllib.parse import unquote
+
+    import pyarrow.parquet as pq
+
+    path = Path(lake.table(vocab_table(name)).removeprefix("file://")) / unquote(relative)
+    rows = pq.read_table(path).to_pylist()
+    return sorted(((r["value"], r["index"], r["count"], r["min_count"], r["added_by"]) for r in rows),
+                  key=lambda r: r[1])
+
+
+@pytest.mark.spark
+def test_update_appends_only_its_new_rows_and_leaves_the_old_files(spark, delta_io, lake):
+    """An update that adds values commits ONE append of exactly its new rows (no remove, the
+    files of the previous version untouched), tagged with the vocabulary's app transaction."""
+    from lake_contract.delta_snapshot import resolve_snapshot
+    from spark_features.vocab import update_vocab
+
+    first = update_vocab(delta_io, lake, "item_id", _occurrences(spark, *DAY_ONE), min_count=2)
+    assert first.version == 0
+    uri = lake.table(vocab_table("item_id"))
+    old_files = {Path(f.removeprefix("file://")): Path(f.removeprefix("file://")).stat() for f in
+                 resolve_snapshot(uri, 0).files}
+
+    hour = _occurrences(spark, "b", "a", "e", "d", "e", "x", None)  # b, a known; e x2, d, x new
+    info = update_vocab(delta_io, lake, "item_id", hour, min_count=1, run_key=HOUR)
+
+    assert info == VocabInfo("item_id", size=7, num_values=6, min_count=1, version=1, added=3)
+    actions = _commit_actions(lake, "item_id", 1)
+    adds = [a["add"] for a in actions if "add" in a]
+    assert [a for a in actions if "remove" in a] == []
+    assert [(a["txn"]["appId"], a["txn"]["version"]) for a in actions if "txn" in a] == [("towerlake.vocab", 1)]
+    new_rows = [("e", 4, 2, 1, HOUR), ("d", 5, 1, 1, HOUR), ("x", 6, 1, 1, HOUR)]
+    assert sorted((r for a in adds for r in _file_rows(lake, "item_id", a["path"])), key=lambda r: r[1]) == new_rows
+    assert sum(json.loads(a["stats"])["numRecords"] for a in adds) == 3
+    # The old files are still in the table, byte for byte as they were.
+    now_files = {Path(f.removeprefix("file://")) for f in resolve_snapshot(uri, 1).files}
+    assert set(old_files) <= now_files and len(now_files) == len(old_files) + len(adds)
+    for path, stat in old_files.items():
+        assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert _table_rows(lake, "item_id") == [*DAY_ONE_ROWS, *new_rows]
+
+
+@pytest.mark.spark
+def test_compaction_rewrites_into_one_file_set_with_the_same_rows(spark, delta_io, lake):
+    """Past ``compact_above_files`` files, the next adding update rewrites old + new rows as one
+    file: same rows and indices as appending would give, one overwrite commit."""
+    from lake_contract.delta_snapshot import resolve_snapshot
+    from spark_features.vocab import update_vocab
+
+    uri = lake.table(vocab_table("user_id"))
+    expected = []
+    for step, values in enumerate((("a", "a", "b"), ("c",), ("d", "e", "e"), ("f",))):
+        info = update_vocab(delta_io, lake, "user_id", _occurrences(spark, *values), run_key=f"run{step}",
+                            compact_above_files=2)
+        counts = {v: values.count(v) for v in values}
+        for value in sorted(counts, key=lambda v: (-counts[v], v)):
+            expected.append((value, len(expected) + 1, counts[value], 1, f"run{step}"))
+        assert info.version == step and info.added == len(counts)
+        assert _table_rows(lake, "user_id") == expected
+        assert len(resolve_snapshot(uri).files) == [1, 2, 3, 1][step]
+    # The fourth commit replaced every file of version 2 (and added one).
+    actions = _commit_actions(lake, "user_id", 3)
+    assert len([a for a in actions if "remove" in a]) == 3 and len([a for a in actions if "add" in a]) == 1
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("race_at, existing", [("planned", True), ("staged", True), ("staged", False)])
+def test_concurrent_updates_conflict_on_both_engines(spark, delta_io, lake, race_at, existing):
+    """The append path (and, with no table yet, the create) keeps the one-wins guarantee on
+    both engines: the loser raises, the table holds the winner's rows only, no loser file."""
+    from lake_contract.delta_snapshot import resolve_snapshot
+    from lake_contract.errors import CommitConflictError
+    from spark_features.vocab import update_vocab
+
+    winner_rows = [("y", 1, 1, 1, "winner")]
+    if existing:
+        update_vocab(delta_io, lake, "item_id", _occurrences(spark, "a", "a", "b"))
+        winner_rows = [("a", 1, 2, 1, "full"), ("b", 2, 1, 1, "full"), ("y", 3, 1, 1, "winner")]
+
+    def competing_update(stage: str) -> None:
+        if stage == race_at:
+            update_vocab(delta_io, lake, "item_id", _occurrences(spark, "y"), run_key="winner")
+
+    with pytest.raises(CommitConflictError, match="re-run"):
+        update_vocab(delta_io, lake, "item_id", _occurrences(spark, "x"), run_key="loser",
+                     _race_hook=competing_update)
+
+    last = 1 if existing else 0
+    assert _version(lake, "item_id") == last
+    assert _table_rows(lake, "item_id") == winner_rows
+    uri = lake.table("vocab/item_id")
+    named = {f.removeprefix("file://") for v in range(last + 1) for f in resolve_snapshot(uri, v).files}
+    table_dir = Path(next(iter(named))).parent
+    assert {str(p) for p in table_dir.rglob("*.parquet")} == named, "the loser's files must be removed"
