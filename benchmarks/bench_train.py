@@ -77,11 +77,11 @@ def _prepare(lake: str, config, versions: dict[str, int] | None = None):
 
 
 def _settings(config):
-    from trainer.data import LoaderSettings
+    import torch
 
-    return LoaderSettings(batch_size=config.batch_size, workers=config.reader_workers,
-                          shuffle_buffer=config.shuffle_buffer, seed=config.seed,
-                          negatives_width=config.max_offline_negatives if config.loss == "bce" else 0)
+    from trainer.loop import loader_settings
+
+    return loader_settings(config, torch.device("cpu"))
 
 
 class _Trainer:
@@ -103,12 +103,9 @@ class _Trainer:
         self.model.train()
 
     def step(self, batch, step: int) -> float:
-        batch = {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
-        losses = self.task.loss(batch, step)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses.total.backward()
-        self.optimizer.step()
-        return float(losses.total.detach())
+        from trainer.loop import train_step
+
+        return float(train_step(self.task, self.optimizer, batch, step, self.ctx.device).total.detach())
 
 
 @dataclass

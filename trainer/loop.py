@@ -30,7 +30,7 @@ from trainer.distributed import DistContext, wrap_model, wrap_optimizer
 from trainer.evaluation import evaluate_split
 from trainer.feature_schema import FeatureSchema, load_feature_schema
 from trainer.item_store import ItemFeatureStore, load_item_store
-from trainer.task import TwoTowerTrainTask
+from trainer.task import StepLosses, TwoTowerTrainTask
 from trainer.towers import TwoTowerModel
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,14 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay, momentum=0.9)
 
 
+def loader_settings(config: TrainConfig, device: torch.device) -> LoaderSettings:
+    """How ``train`` reads its batches (benchmarks read them the same way)."""
+    return LoaderSettings(batch_size=config.batch_size, workers=config.reader_workers,
+                          shuffle_buffer=config.shuffle_buffer, seed=config.seed,
+                          negatives_width=config.max_offline_negatives if config.loss == "bce" else 0,
+                          negative_kinds=config.offline_negative_kinds, pin_memory=device.type == "cuda")
+
+
 @dataclass
 class TrainResult:
     model: TwoTowerModel
@@ -139,11 +147,7 @@ def train(config: TrainConfig, inputs: RunInputs, ctx: DistContext, staged: Stag
     optimizer = wrap_optimizer(build_optimizer(model, config), model, ctx)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
     task = TwoTowerTrainTask(wrapped, store, config, ctx)
-    negatives_width = config.max_offline_negatives if config.loss == "bce" else 0
-    settings = LoaderSettings(batch_size=config.batch_size, workers=config.reader_workers,
-                              shuffle_buffer=config.shuffle_buffer, seed=config.seed,
-                              negatives_width=negatives_width, negative_kinds=config.offline_negative_kinds,
-                              pin_memory=ctx.device.type == "cuda")
+    settings = loader_settings(config, ctx.device)
     rows = inputs.train.num_rows or 0
     steps_hint = rows // (config.batch_size * ctx.world_size)
     if config.max_steps_per_epoch:
@@ -196,12 +200,7 @@ def train(config: TrainConfig, inputs: RunInputs, ctx: DistContext, staged: Stag
                 say(f"resumed at epoch {epoch + 1}, batch {skip_batches} (global step {global_step}): "
                     f"replayed the data position in {time.monotonic() - replay_start:.1f}s")
             for batch in batches:
-                batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
-                with _autocast(ctx.device):
-                    step = task.loss(batch, global_step)
-                optimizer.zero_grad()  # Horovod's DistributedOptimizer takes no argument; None grads are the default
-                step.total.backward()
-                optimizer.step()
+                step = train_step(task, optimizer, batch, global_step, ctx.device)
                 global_step += 1
                 samples += config.batch_size * ctx.world_size
                 losses.append(float(step.total.detach()))
@@ -287,10 +286,26 @@ def _progress(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, mininterval=1.0)
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op context on CPU (fp32 stays exact there)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def train_step(task: TwoTowerTrainTask, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+               global_step: int, device: torch.device, precision: str = "auto") -> StepLosses:
+    """One optimiser step on one batch (host or device tensors), exactly what ``train`` runs
+    per batch; benchmarks time this same function. ``precision``: see ``autocast``."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with autocast(device, precision):
+        step = task.loss(batch, global_step)
+    optimizer.zero_grad()  # Horovod's DistributedOptimizer takes no argument; None grads are the default
+    step.total.backward()
+    optimizer.step()
+    return step
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """``auto`` (what training uses): bf16 autocast on CUDA, none on CPU (fp32 stays exact
+    there). ``bf16`` / ``fp32`` force autocast on / off on either device (benchmarks)."""
     import contextlib
 
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
