@@ -13,6 +13,8 @@ checks that every run read the SAME table versions (the pinned data; it stops ot
 prints one table per split: mean ± sample std (n-1) over the seeds of HR@10/50/100 and
 NDCG@10/50, the ItemPop row, and the training seconds per run. ``--set`` overrides apply to
 every preset (and are part of the version name's tag, so tuned runs never reuse untuned ones).
+It also records each preset's spread in ``<lake>/report/seed_spread/<preset>-<tag>.json``
+(``trainer.seed_spread``), which ``jobs.report`` shows for a release of that configuration.
 
   .venv/bin/python benchmarks/bench_seeds.py --lake lake --preset dat --preset transformer --seeds 3
   .venv/bin/python benchmarks/bench_seeds.py --lake lake --preset transformer --set model.seq_layers=1 --json out.json
@@ -24,7 +26,6 @@ import argparse
 import hashlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -33,17 +34,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METRICS = ("hr@10", "hr@50", "hr@100", "ndcg@10", "ndcg@50")
+from trainer.seed_spread import SPREAD_METRICS, mean_std, spread_record, write_spread  # noqa: E402
+
+METRICS = SPREAD_METRICS
+
+
+def record_name(preset: str, overrides: list[str]) -> str:
+    """``<preset>-<tag>``: tag ``base`` without overrides, else a hash of them."""
+    tag = hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()[:6] if overrides else "base"
+    return f"{preset}-{tag}"
 
 
 def version_name(preset: str, overrides: list[str], seed: int) -> str:
-    tag = hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()[:6] if overrides else "base"
-    return f"seeds-{preset}-{tag}-s{seed}"
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return f"seeds-{record_name(preset, overrides)}-s{seed}"
 
 
 def train_one(lake: str, preset: str, seed: int, overrides: list[str], say) -> Path:
@@ -73,7 +76,8 @@ def collect(folders: list[Path]) -> list[dict]:
         metrics = json.loads((folder / "metrics.json").read_text())
         manifest = json.loads((folder / "manifest.json").read_text())
         config = json.loads((folder / "config.json").read_text())
-        runs.append({"version": folder.name, "seed": config["seed"], "metrics": metrics, "manifest": manifest})
+        runs.append({"version": folder.name, "seed": config["seed"], "metrics": metrics, "manifest": manifest,
+                     "config": config})
     return runs
 
 
@@ -113,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="jobs.train --set, applied to every preset (repeatable)")
     p.add_argument("--json", help="also write every run's metrics and the summaries here")
+    p.add_argument("--no-record", action="store_true",
+                   help="do not write <lake>/report/seed_spread/<preset>-<tag>.json (read by jobs.report)")
     a = p.parse_args(argv)
     from lake_contract.lake import Lake
 
@@ -124,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         folders = [train_one(lake, name, s, a.overrides, lambda s: print(s, flush=True)) for s in seeds]
         results[name] = collect(folders)
     pinned = check_same_data([r for runs in results.values() for r in runs])
+    if not a.no_record:
+        for name, runs in results.items():
+            path = write_spread(lake, record_name(name, a.overrides), spread_record(name, a.overrides, runs))
+            print(f"recorded the spread of {name} in {path} (jobs.report shows it for a release of this preset)")
     print("\nevery run read: " + ", ".join(f"{k}@v{v}" for k, v in sorted(pinned.items())))
     for split in ("valid", "test"):
         print(f"\n{split} split, mean ± std over seeds {seeds} (ItemPop: one deterministic ranking)\n")

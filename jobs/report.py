@@ -1,7 +1,8 @@
 """Write a human-readable report of the CURRENT release: <lake>/report/report.md (+ PNG).
 
 What it holds: the release and model versions and the exact table versions they came from,
-the metrics of the model and ItemPop on the valid/test splits, the index (nlist, tuned
+the metrics of the model and ItemPop on the valid/test splits, the seed spread of the
+model's configuration when ``benchmarks/bench_seeds.py`` recorded one, the index (nlist, tuned
 nprobe, recall vs exact search, QPS), the training curve, and sample recommendations.
 
 Examples:
@@ -63,6 +64,27 @@ def metrics_markdown(metrics: dict) -> list[str]:
     return lines
 
 
+def seed_spread_section(lake_root: str, model_folder: Path) -> list[str]:
+    """The report's "Seed spread" lines: the recorded sweep of the published model's
+    configuration (trainer.seed_spread), or one line saying none is known and how to get it."""
+    import json
+
+    from trainer.seed_spread import find_spread, spread_markdown
+
+    def read(name: str) -> dict:
+        path = model_folder / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    config, model = read("config.json"), read("manifest.json")
+    record = find_spread(lake_root, config) if config else None
+    if record is None:
+        return ["## Seed spread", "",
+                "No seed sweep of this model's configuration is recorded: one run moves by about one standard error, "
+                "so compare presets with `benchmarks/bench_seeds.py --lake LAKE --preset "
+                f"{model.get('preset') or 'NAME'} --seeds 3`.", ""]
+    return ["## Seed spread", "", *spread_markdown(record, model.get("table_versions"), model.get("version")), ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     setup_logging("report")
@@ -84,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
              "* data: " + ", ".join(f"`{t}`@v{v}" for t, v in sorted((manifest.get("table_versions") or {}).items())),
              "", "## Retrieval quality (full catalog, items seen before each event excluded)", "",
              *metrics_markdown(manifest.get("metrics") or {}), ""]
+    lines += seed_spread_section(lake.root, Path(release.artifact("model")))
     index = manifest.get("index") or {}
     if index:
         lines += ["## Index", "",
