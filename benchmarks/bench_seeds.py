@@ -36,8 +36,6 @@ sys.path.insert(0, str(ROOT))
 
 from trainer.seed_spread import SPREAD_METRICS, mean_std, spread_record, write_spread  # noqa: E402
 
-METRICS = SPREAD_METRICS
-
 
 def record_name(preset: str, overrides: list[str]) -> str:
     """``<preset>-<tag>``: tag ``base`` without overrides, else a hash of them."""
@@ -89,21 +87,17 @@ def check_same_data(runs: list[dict]) -> dict:
     return runs[0]["manifest"]["table_versions"]
 
 
-def summarise(runs: list[dict], split: str, who: str) -> dict[str, tuple[float, float]]:
-    return {m: mean_std([r["metrics"][split][who][m] for r in runs]) for m in METRICS}
-
-
-def table(results: dict[str, list[dict]], split: str) -> str:
-    head = "| preset | " + " | ".join(m.upper().replace("NDCG", "NDCG") for m in METRICS) + " | train s / run |"
-    lines = [head, "|---" * (len(METRICS) + 2) + "|"]
-    first = next(iter(results.values()))
-    pop = summarise(first, split, "itempop")
-    lines.append("| ItemPop | " + " | ".join(f"{pop[m][0]:.4f}" for m in METRICS) + " | |")
-    for name, runs in results.items():
-        model = summarise(runs, split, "model")
-        secs = mean_std([r["manifest"]["train_seconds"] for r in runs])
-        lines.append(f"| `{name}` (n={len(runs)}) | " + " | ".join(f"{model[m][0]:.4f} ± {model[m][1]:.4f}"
-                                                                  for m in METRICS)
+def table(records: dict[str, dict], split: str) -> str:
+    """One markdown table of ``split`` from the presets' spread records (trainer.seed_spread)."""
+    head = "| preset | " + " | ".join(m.upper() for m in SPREAD_METRICS) + " | train s / run |"
+    lines = [head, "|---" * (len(SPREAD_METRICS) + 2) + "|"]
+    pop = next(iter(records.values()))["splits"][split]["itempop"]
+    lines.append("| ItemPop | " + " | ".join(f"{pop[m][0]:.4f}" for m in SPREAD_METRICS) + " | |")
+    for name, record in records.items():
+        model = record["splits"][split]["model"]
+        secs = mean_std([run["train_seconds"] for run in record["runs"]])
+        lines.append(f"| `{name}` (n={len(record['runs'])}) | "
+                     + " | ".join(f"{model[m][0]:.4f} ± {model[m][1]:.4f}" for m in SPREAD_METRICS)
                      + f" | {secs[0]:.0f} ± {secs[1]:.0f} |")
     return "\n".join(lines)
 
@@ -130,14 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         folders = [train_one(lake, name, s, a.overrides, lambda s: print(s, flush=True)) for s in seeds]
         results[name] = collect(folders)
     pinned = check_same_data([r for runs in results.values() for r in runs])
+    records = {name: spread_record(name, a.overrides, runs) for name, runs in results.items()}
     if not a.no_record:
-        for name, runs in results.items():
-            path = write_spread(lake, record_name(name, a.overrides), spread_record(name, a.overrides, runs))
+        for name, record in records.items():
+            path = write_spread(lake, record_name(name, a.overrides), record)
             print(f"recorded the spread of {name} in {path} (jobs.report shows it for a release of this preset)")
     print("\nevery run read: " + ", ".join(f"{k}@v{v}" for k, v in sorted(pinned.items())))
     for split in ("valid", "test"):
         print(f"\n{split} split, mean ± std over seeds {seeds} (ItemPop: one deterministic ranking)\n")
-        print(table(results, split))
+        print(table(records, split))
     print("\nper run (test HR@50 / NDCG@10, best epoch, train s):")
     for runs in results.values():
         for r in runs:
@@ -145,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r['version']}: {t['hr@50']:.4f} / {t['ndcg@10']:.4f}, epoch {r['metrics']['best_epoch']}, "
                   f"{r['manifest']['train_seconds']:.0f}s")
     if a.json:
-        summary = {name: {split: {"model": summarise(runs, split, "model"), "itempop": summarise(runs, split, "itempop")}
-                          for split in ("valid", "test")} for name, runs in results.items()}
+        summary = {name: record["splits"] for name, record in records.items()}
         Path(a.json).write_text(json.dumps({"overrides": a.overrides, "seeds": seeds, "table_versions": pinned,
                                             "summary": summary, "runs": results}, indent=2, default=str))
     return 0

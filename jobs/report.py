@@ -12,6 +12,7 @@ Examples:
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from dataclasses import dataclass
@@ -67,8 +68,6 @@ def metrics_markdown(metrics: dict) -> list[str]:
 def seed_spread_section(lake_root: str, model_folder: Path) -> list[str]:
     """The report's "Seed spread" lines: the recorded sweep of the published model's
     configuration (trainer.seed_spread), or one line saying none is known and how to get it."""
-    import json
-
     from trainer.seed_spread import find_spread, spread_markdown
 
     def read(name: str) -> dict:

@@ -102,3 +102,10 @@ def test_no_spread_is_claimed_for_another_configuration(tmp_path):
     assert "--preset dat --seeds 3" in lines[2]
     # A sweep with overrides is recorded under its own name, never over the base sweep.
     assert bench_seeds.record_name("dat", ["lr=0.5"]) != bench_seeds.record_name("dat", [])
+
+
+def test_the_benchmark_table_is_read_from_the_records():
+    text = bench_seeds.table({"dat": spread_record("dat", [], _runs())}, "test")
+    assert "| ItemPop | 0.0785 | 0.2057 | 0.3224 | 0.0389 | 0.0660 | |" in text
+    assert "| `dat` (n=3) | 0.1800 ± 0.0000 | 0.4747 ± 0.0117 | 0.6500 ± 0.0000 | 0.0969 ± 0.0029 | " \
+           "0.1600 ± 0.0000 | 101 ± 1 |" in text
