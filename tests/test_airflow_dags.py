@@ -350,8 +350,13 @@ def test_an_hour_with_new_users_publishes_a_child_release_that_serves_them(night
     lake = Path(airflow_env["TOWERLAKE_LAKE"])
     parent = current(lake)
     mapping = write_hour_logs(tmp_path / "logs")
+    # The subject is the hourly chain and serving the new users, not model quality: on this
+    # tiny lake one validation user moves HR@50 by more than the default tolerance (0.01), so a
+    # one-epoch fine-tune could be refused by chance (seen in two CI runs of this round: .8167 vs .83, with and without that round's feature changes). The
+    # quality gate itself is proven by tests/test_release.py::test_gate_model_quality_fails_with_named_gate
+    # and tests/test_build_index_job.py::test_model_worse_than_current_is_blocked_then_allowed_with_tolerance.
     run = dags_test(airflow_env, "hourly_incremental_finetune", "2026-12-02T11:00:00+00:00",
-                    TOWERLAKE_SOURCE_ARGS=f"--source csv --mapping {mapping}")
+                    TOWERLAKE_SOURCE_ARGS=f"--source csv --mapping {mapping}", TOWERLAKE_PUBLISH_ARGS="--tolerance 1")
     assert run["state"] == "success", run["output"][-5000:]
     assert task_states(run) == {t: ("success", 1) for t in (
         "skip_while_nightly", "skip_if_published", "ingest_hour", "build_features_hour", "finetune", "build_index",
