@@ -52,7 +52,7 @@ from lake_contract.run_ledger import completed_windows, mark_complete
 from spark_features.delta_io import DeltaLakeIO, WriteResult
 from spark_features.features import plan_feature_columns, with_prefix_columns
 from spark_features.ingest import column_roles
-from spark_features.negatives import parse_negative_specs, sample_negatives
+from spark_features.negatives import parse_negative_specs, sample_negative_lists
 from spark_features.pairs import label_positives, max_same_time_events, pair_id_column, with_history
 from spark_features.training_data import (
     attach_negatives,
@@ -224,7 +224,7 @@ def build_incremental(
         # What a negative must avoid (and what ranks a user's categories): every distinct item
         # the user touched before the window end, the state's ``seen``.
         seen = user_state.select("user_idx", F.explode("seen").alias("item_idx"))
-        negatives = sample_negatives(positives.select("pair_id", "user_idx", "item_idx"), seen, catalog, specs,
+        negatives = sample_negative_lists(positives.select("pair_id", "user_idx", "item_idx"), seen, catalog, specs,
                                      seed=config.seed)
     pairs = attach_negatives(pairs, negatives).withColumn("window", F.lit(window_key))
     result = io.write_table(pairs.repartition(4, "pair_id"), lake.table(INCREMENTAL_PAIRS), mode="overwrite",

@@ -180,6 +180,38 @@ def sample_negatives(
     now; everything else is lazy: nothing runs until an action, so cache or write the result
     if it is used more than once.
     """
+    return _sample(positives, user_items, items, specs, seed, hard_top_categories, max_attempts, oversample,
+                   ranked, ranked_share, layout="rows")
+
+
+def sample_negative_lists(
+    positives: DataFrame,
+    user_items: DataFrame,
+    items: DataFrame,
+    specs: Sequence[NegativeSpec],
+    seed: int = 0,
+    hard_top_categories: int = 2,
+    max_attempts: int = 4,
+    oversample: int = DEFAULT_OVERSAMPLE,
+    ranked: DataFrame | None = None,
+    ranked_share: float = DEFAULT_RANKED_SHARE,
+) -> DataFrame:
+    """The negatives of :func:`sample_negatives` (same arguments, same draws) one row per
+    pair that got any, as :data:`NEGATIVE_LISTS_SCHEMA`: ``pair_id``, ``neg_item_idx``
+    array<int> and ``neg_kind`` array<string>, ordered by kind name, then ``neg_rank`` (the
+    pairs tables' layout). Built inside the sampling function, so the training build needs
+    no shuffle and sort of one row per negative to regroup them."""
+    return _sample(positives, user_items, items, specs, seed, hard_top_categories, max_attempts, oversample,
+                   ranked, ranked_share, layout="lists")
+
+
+def _sample(positives: DataFrame, user_items: DataFrame, items: DataFrame, specs: Sequence[NegativeSpec],
+            seed: int, hard_top_categories: int, max_attempts: int, oversample: int, ranked: DataFrame | None,
+            ranked_share: float, *, layout: Literal["rows", "lists"]) -> DataFrame:
+    empty = (lambda: _as_negatives(positives.limit(0).select(*_empty_negative_columns()))) if layout == "rows" else (
+        lambda: _as_negative_lists(positives.limit(0).select(
+            "pair_id", F.array().cast("array<int>").alias("neg_item_idx"),
+            F.array().cast("array<string>").alias("neg_kind"))))
     specs = _validate_specs(specs)
     _require_int("seed", seed, 0, _MAX_SEED)
     _require_int("hard_top_categories", hard_top_categories, 1)
@@ -193,12 +225,12 @@ def sample_negatives(
     if isinstance(ranked_share, bool) or not isinstance(ranked_share, int | float) or not 0 <= ranked_share <= 1:
         raise ValueError(f"sample_negatives ranked_share must be a number in [0, 1], got {ranked_share!r}")
     if not specs:
-        return _as_negatives(positives.limit(0).select(*_empty_negative_columns()))
+        return empty()
 
     catalog = _Catalog.from_arrow(items.toArrow())
     with_hard = any(spec.kind == "hard" for spec in specs)
     if catalog.n_items == 0:
-        return _as_negatives(positives.limit(0).select(*_empty_negative_columns()))
+        return empty()
     plan = _SamplePlan(
         specs=tuple((spec.kind, spec.count) for spec in specs), seed=seed, hard_top_categories=hard_top_categories,
         max_attempts=max_attempts, oversample=oversample, ranked_share=float(ranked_share), catalog=catalog,
@@ -217,12 +249,11 @@ def sample_negatives(
     session = positives.sparkSession
     n_buckets = _BUCKETS_PER_PARTITION * int(session.conf.get("spark.sql.shuffle.partitions"))
     bucket = F.pmod(F.xxhash64(F.col("user_idx").cast("long")), F.lit(n_buckets)).alias("_tl_bucket")
-    sampled = (
-        rows.select(bucket, *[F.col(name) for name in ("role", "user_idx", "item_idx", "pair_id", "position")])
-        .groupBy("_tl_bucket")
-        .applyInArrow(partial(_sample_group, plan), _OUTPUT_DDL)
-    )
-    return _as_negatives(sampled)
+    grouped = rows.select(bucket, *[F.col(name) for name in ("role", "user_idx", "item_idx", "pair_id", "position")]
+                          ).groupBy("_tl_bucket")
+    if layout == "rows":
+        return _as_negatives(grouped.applyInArrow(partial(_sample_group, plan), _OUTPUT_DDL))
+    return _as_negative_lists(grouped.applyInArrow(partial(_sample_group_lists, plan), _LISTS_DDL))
 
 
 def negative_counts(negatives: DataFrame) -> dict[str, int]:
@@ -502,6 +533,23 @@ def _sample_group(plan: _SamplePlan, table: pa.Table) -> pa.Table:
     """Negatives (``_OUTPUT_DDL``) of one bucket of users: ``table`` has the rows of
     ``_GROUPED_SCHEMA`` (plus the bucket) of every pair, user_items row and ranked entry of
     its users."""
+    pieces = []
+    for draws in _group_draws(plan, table):
+        for kind, count, pair_ids, pair_users, chosen, got in draws:
+            row, rank = np.nonzero(np.arange(count)[None, :] < got[:, None])
+            pieces.append(pa.table({
+                "pair_id": pa.array(pair_ids[row], pa.int64()),
+                "user_idx": pa.array(pair_users[row].astype(np.int32), pa.int32()),
+                "item_idx": pa.array(chosen[row, rank].astype(np.int32), pa.int32()),
+                "neg_kind": pa.repeat(pa.scalar(kind, pa.string()), row.size),
+                "neg_rank": pa.array(rank.astype(np.int32), pa.int32()),
+            }))
+    return pa.concat_tables(pieces) if pieces else _ARROW_OUTPUT.empty_table()
+
+
+def _group_draws(plan: _SamplePlan, table: pa.Table):
+    """Yields, per slice of one bucket's pairs and per kind: ``(kind, count, pair_ids,
+    pair_users, chosen, got)`` (``chosen[i, :got[i]]`` are pair i's negatives in rank order)."""
     role = table.column("role").to_numpy()
     user = _ids(table, "user_idx", "rows")
     item = _ids(table, "item_idx", "rows")
@@ -510,25 +558,44 @@ def _sample_group(plan: _SamplePlan, table: pa.Table) -> pa.Table:
     by_pair = np.argsort(pair_ids, kind="stable")
     pair_ids, pair_users, pair_items = pair_ids[by_pair], pair_users[by_pair], pair_items[by_pair]
     if pair_ids.size == 0:
-        return _ARROW_OUTPUT.empty_table()
+        return
     users = np.unique(pair_users)
     state = _group_users(plan, users, user[is_user_item], item[is_user_item], user[is_ranked], item[is_ranked],
                          table.column("position").to_numpy()[is_ranked])
     user_pos = np.searchsorted(users, pair_users)
-    pieces = []
     for low in range(0, pair_ids.size, _PAIRS_PER_SLICE):
         part = slice(low, low + _PAIRS_PER_SLICE)
-        for kind, count in plan.specs:
-            chosen, got = _sample_kind(plan, state, kind, count, pair_ids[part], user_pos[part], pair_items[part])
-            row, rank = np.nonzero(np.arange(count)[None, :] < got[:, None])
-            pieces.append(pa.table({
-                "pair_id": pa.array(pair_ids[part][row], pa.int64()),
-                "user_idx": pa.array(pair_users[part][row].astype(np.int32), pa.int32()),
-                "item_idx": pa.array(chosen[row, rank].astype(np.int32), pa.int32()),
-                "neg_kind": pa.repeat(pa.scalar(kind, pa.string()), row.size),
-                "neg_rank": pa.array(rank.astype(np.int32), pa.int32()),
-            }))
-    return pa.concat_tables(pieces)
+        yield [(kind, count, pair_ids[part], pair_users[part],
+                *_sample_kind(plan, state, kind, count, pair_ids[part], user_pos[part], pair_items[part]))
+               for kind, count in plan.specs]
+
+
+def _sample_group_lists(plan: _SamplePlan, table: pa.Table) -> pa.Table:
+    """:func:`_sample_group`'s negatives as ``_LISTS_DDL``: one row per pair with any, the
+    kinds in name order (as ``sort_array`` of (kind, rank, item) would put them), ranks in order."""
+    names = sorted(kind for kind, _ in plan.specs)
+    pieces = []
+    for draws in _group_draws(plan, table):
+        draws = sorted(draws, key=lambda d: d[0])
+        pair_ids = draws[0][2]
+        chosen = np.hstack([d[4] for d in draws])
+        keep = np.hstack([np.arange(d[1])[None, :] < d[5][:, None] for d in draws])
+        codes = np.hstack([np.full((pair_ids.size, d[1]), names.index(d[0]), np.int8) for d in draws])
+        lengths = keep.sum(axis=1)
+        has = lengths > 0
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths[has])]).astype(np.int32), pa.int32())
+        kinds = pa.DictionaryArray.from_arrays(pa.array(codes[keep], pa.int8()), pa.array(names, pa.string()))
+        pieces.append(pa.table({
+            "pair_id": pa.array(pair_ids[has], pa.int64()),
+            "neg_item_idx": pa.ListArray.from_arrays(offsets, pa.array(chosen[keep].astype(np.int32), pa.int32())),
+            "neg_kind": pa.ListArray.from_arrays(offsets, kinds.dictionary_decode()),
+        }))
+    return pa.concat_tables(pieces) if pieces else _ARROW_LISTS.empty_table()
+
+
+_ARROW_LISTS = pa.schema([("pair_id", pa.int64()), ("neg_item_idx", pa.list_(pa.int32())),
+                          ("neg_kind", pa.list_(pa.string()))])
+_LISTS_DDL = "pair_id bigint, neg_item_idx array<int>, neg_kind array<string>"
 
 
 _ARROW_OUTPUT = pa.schema([("pair_id", pa.int64()), ("user_idx", pa.int32()), ("item_idx", pa.int32()),
@@ -581,6 +648,21 @@ def _empty_negative_columns() -> list[Column]:
         F.lit("").alias("neg_kind"),
         F.lit(0).alias("neg_rank"),
     ]
+
+
+NEGATIVE_LISTS_SCHEMA = T.StructType([
+    T.StructField("pair_id", T.LongType(), nullable=False),
+    T.StructField("neg_item_idx", T.ArrayType(T.IntegerType(), containsNull=True), nullable=True),
+    T.StructField("neg_kind", T.ArrayType(T.StringType(), containsNull=True), nullable=True),
+])
+
+
+def _as_negative_lists(df: DataFrame) -> DataFrame:
+    """Columns of NEGATIVE_LISTS_SCHEMA in order; a null pair id fails the job (see _as_negatives)."""
+    pair_id = F.coalesce(F.col("pair_id").cast("long"), F.raise_error(F.lit(
+        "sample_negatives produced a null pair_id: positives, user_items and items must have no null ids")
+    ).cast("long"), F.lit(-1).cast("long")).alias("pair_id")
+    return df.select(pair_id, F.col("neg_item_idx").cast("array<int>"), F.col("neg_kind").cast("array<string>"))
 
 
 def _as_negatives(df: DataFrame) -> DataFrame:

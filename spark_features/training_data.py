@@ -52,7 +52,7 @@ from spark_features.features import (
     with_prefix_columns,
 )
 from spark_features.ingest import column_roles
-from spark_features.negatives import negative_counts, parse_negative_specs, sample_negatives
+from spark_features.negatives import negative_counts, parse_negative_specs, sample_negative_lists
 from spark_features.pairs import (
     SPLITS,
     assign_leave_last_out,
@@ -215,7 +215,7 @@ def build_training_data(
             "item_idx", F.col("primary_category_idx").alias("category_idx"), F.col("n_positives").alias("popularity"))
         # Not cached: attach_negatives reads it once, and the mix is counted from base (which
         # carries split and the kinds), so no second pass and no join of the negatives.
-        negatives = sample_negatives(
+        negatives = sample_negative_lists(
             positives.select("pair_id", "user_idx", "item_idx"), positives.select("user_idx", "item_idx"), catalog,
             negative_specs, seed=config.seed, ranked=ranked, ranked_share=config.hard_ranked_share,
         )
@@ -287,20 +287,18 @@ def pair_rows(positives: DataFrame, user_static: DataFrame, extra: list[str] | N
 
 
 def attach_negatives(pairs: DataFrame, negatives: DataFrame | None) -> DataFrame:
-    """Adds ``neg_item_idx`` array<int> and ``neg_kind`` array<string> (same order: by kind,
-    then rank) from NEGATIVES_SCHEMA rows; empty arrays when there are none."""
+    """Adds ``neg_item_idx`` array<int> and ``neg_kind`` array<string> from
+    :func:`~spark_features.negatives.sample_negative_lists` rows (already one row per pair,
+    by kind name then rank); empty arrays for a pair without negatives, or when there are none."""
     if negatives is None:
         return pairs.withColumn("neg_item_idx", F.array().cast("array<int>")).withColumn(
             "neg_kind", F.array().cast("array<string>"))
-    # sort_array orders the structs field by field natively (array_sort and transform would
-    # run an interpreted lambda per element); _tl_negs.item_idx extracts one field of each.
-    grouped = negatives.groupBy("pair_id").agg(
-        F.sort_array(F.collect_list(F.struct("neg_kind", "neg_rank", "item_idx"))).alias("_tl_negs"))
-    return pairs.join(grouped, "pair_id", "left").select(
+    lists = negatives.select("pair_id", F.col("neg_item_idx").alias("_tl_items"), F.col("neg_kind").alias("_tl_kinds"))
+    return pairs.join(lists, "pair_id", "left").select(
         "*",
-        F.coalesce(F.col("_tl_negs.item_idx"), F.array().cast("array<int>")).cast("array<int>").alias("neg_item_idx"),
-        F.coalesce(F.col("_tl_negs.neg_kind"), F.array().cast("array<string>")).alias("neg_kind"),
-    ).drop("_tl_negs")
+        F.coalesce(F.col("_tl_items"), F.array().cast("array<int>")).alias("neg_item_idx"),
+        F.coalesce(F.col("_tl_kinds"), F.array().cast("array<string>")).alias("neg_kind"),
+    ).drop("_tl_items", "_tl_kinds")
 
 
 def entity_features(frame, id_col, idx_col, id_vocab, cols: list[FeatureColumn], vocab_frames, boundaries):

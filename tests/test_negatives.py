@@ -19,6 +19,7 @@ from spark_features.negatives import (
     NegativeSpec,
     negative_counts,
     parse_negative_specs,
+    sample_negative_lists,
     sample_negatives,
 )
 
@@ -525,3 +526,38 @@ def test_ranked_share_outside_zero_one_is_refused(world, share):
     with pytest.raises(ValueError) as raised:
         sample_negatives(world["positives"], world["user_items"], world["items"], SPECS, ranked_share=share)
     assert str(raised.value) == f"sample_negatives ranked_share must be a number in [0, 1], got {share!r}"
+
+
+def _lists_from_rows(rows: list[tuple]) -> dict[int, tuple[list[int], list[str]]]:
+    """Python reference for the pairs layout: per pair, the negatives by kind name then rank."""
+    by_pair: dict[int, list[tuple]] = defaultdict(list)
+    for pair, _user, item, kind, rank in rows:
+        by_pair[pair].append((kind, rank, item))
+    return {pair: ([item for _, _, item in sorted(negs)], [kind for kind, _, _ in sorted(negs)])
+            for pair, negs in by_pair.items()}
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("with_ranked", [False, True])
+def test_negative_lists_hold_exactly_the_rows_of_sample_negatives_in_the_pairs_order(world, spark, sampled,
+                                                                                      with_ranked):
+    kwargs = {"seed": SEED}
+    if with_ranked:
+        kwargs["ranked"] = _frame(spark, [(user, items) for user, items in RANKED.items()],
+                                  "user_idx int, items array<int>")
+    rows = sampled[1] if not with_ranked else _sample(world, **kwargs)
+    lists = sample_negative_lists(world["positives"], world["user_items"], world["items"], SPECS, **kwargs)
+    got = {row["pair_id"]: (list(row["neg_item_idx"]), list(row["neg_kind"])) for row in lists.collect()}
+    expected = _lists_from_rows(rows)
+    assert got == expected
+    assert len(got) == len(_positive_rows())  # every pair of this world gets negatives
+    assert [f.name for f in lists.schema.fields] == ["pair_id", "neg_item_idx", "neg_kind"]
+    assert got[0][1] == ["hard"] * 3 + ["popularity"] * 2 + ["random"] * 4  # kind name order, not spec order
+
+
+@pytest.mark.spark
+def test_negative_lists_without_specs_or_catalog_are_empty(world):
+    none = sample_negative_lists(world["positives"], world["user_items"], world["items"], ())
+    assert none.collect() == [] and none.columns == ["pair_id", "neg_item_idx", "neg_kind"]
+    empty_catalog = sample_negative_lists(world["positives"], world["user_items"], world["items"].limit(0), SPECS)
+    assert empty_catalog.collect() == []
