@@ -34,7 +34,8 @@ How it scales (no per-row Python, no collect of anything that grows with users o
   not-a-positive check by ``searchsorted`` on the group's sorted ``user << 32 | item`` keys,
   first-distinct selection by one sort; only the (pair, kind)s a round left short are
   drawn again;
-* a group holds ``1 / n_buckets`` of the users (``n_buckets`` = 4 x the shuffle partitions)
+* a group holds ``1 / n_buckets`` of the users (``n_buckets``: given by the caller, who knows
+  how many pairs there are (see ``negative_buckets``), else 4 x the shuffle partitions)
   and is sampled in slices of at most ``_PAIRS_PER_SLICE`` pairs, so a worker's memory is
   bounded by the bucket, not by the data.
 
@@ -46,6 +47,7 @@ number of buckets.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -95,6 +97,9 @@ _OUTPUT_DDL = "pair_id bigint, user_idx int, item_idx int, neg_kind string, neg_
 # Buckets per shuffle partition: groups small enough for a worker, few enough to amortise
 # the per-group Arrow round trip.
 _BUCKETS_PER_PARTITION = 4
+# Pairs per group that negative_buckets aims at: large enough to amortise a group's overhead,
+# small enough that a group's Arrow input stays in the tens of MB.
+_PAIRS_PER_BUCKET = 25_000
 # Pairs sampled at once inside a group: bounds the (pairs x draws) arrays of one slice.
 _PAIRS_PER_SLICE = 65_536
 
@@ -160,6 +165,7 @@ def sample_negatives(
     oversample: int = DEFAULT_OVERSAMPLE,
     ranked: DataFrame | None = None,
     ranked_share: float = DEFAULT_RANKED_SHARE,
+    n_buckets: int | None = None,
 ) -> DataFrame:
     """Negatives for each positive pair, one row per negative, as :data:`NEGATIVES_SCHEMA`.
 
@@ -178,10 +184,12 @@ def sample_negatives(
     fewer only when ``max_attempts`` rounds of ``spec.count * oversample`` draws found fewer
     eligible distinct items. Reads the catalog (``items``, one row per item) to the driver
     now; everything else is lazy: nothing runs until an action, so cache or write the result
-    if it is used more than once.
+    if it is used more than once. ``n_buckets`` (default 4 x the shuffle partitions; see
+    :func:`negative_buckets`) sets how many groups the users are sampled in; it never changes
+    the rows.
     """
     return _sample(positives, user_items, items, specs, seed, hard_top_categories, max_attempts, oversample,
-                   ranked, ranked_share, layout="rows")
+                   ranked, ranked_share, n_buckets, layout="rows")
 
 
 def sample_negative_lists(
@@ -195,6 +203,7 @@ def sample_negative_lists(
     oversample: int = DEFAULT_OVERSAMPLE,
     ranked: DataFrame | None = None,
     ranked_share: float = DEFAULT_RANKED_SHARE,
+    n_buckets: int | None = None,
 ) -> DataFrame:
     """The negatives of :func:`sample_negatives` (same arguments, same draws) one row per
     pair that got any, as :data:`NEGATIVE_LISTS_SCHEMA`: ``pair_id``, ``neg_item_idx``
@@ -202,12 +211,12 @@ def sample_negative_lists(
     pairs tables' layout). Built inside the sampling function, so the training build needs
     no shuffle and sort of one row per negative to regroup them."""
     return _sample(positives, user_items, items, specs, seed, hard_top_categories, max_attempts, oversample,
-                   ranked, ranked_share, layout="lists")
+                   ranked, ranked_share, n_buckets, layout="lists")
 
 
 def _sample(positives: DataFrame, user_items: DataFrame, items: DataFrame, specs: Sequence[NegativeSpec],
             seed: int, hard_top_categories: int, max_attempts: int, oversample: int, ranked: DataFrame | None,
-            ranked_share: float, *, layout: Literal["rows", "lists"]) -> DataFrame:
+            ranked_share: float, n_buckets: int | None, *, layout: Literal["rows", "lists"]) -> DataFrame:
     empty = (lambda: _as_negatives(positives.limit(0).select(*_empty_negative_columns()))) if layout == "rows" else (
         lambda: _as_negative_lists(positives.limit(0).select(
             "pair_id", F.array().cast("array<int>").alias("neg_item_idx"),
@@ -217,6 +226,8 @@ def _sample(positives: DataFrame, user_items: DataFrame, items: DataFrame, specs
     _require_int("hard_top_categories", hard_top_categories, 1)
     _require_int("max_attempts", max_attempts, 1)
     _require_int("oversample", oversample, 1)
+    if n_buckets is not None:
+        _require_int("n_buckets", n_buckets, 1)
     positives = _conform_input("positives", positives, _POSITIVES_COLUMNS)
     user_items = _conform_input("user_items", user_items, _USER_ITEMS_COLUMNS)
     items = _conform_input("items", items, _ITEMS_COLUMNS)
@@ -247,13 +258,23 @@ def _sample(positives: DataFrame, user_items: DataFrame, items: DataFrame, specs
             "role", "user_idx", F.col("col").alias("item_idx"), F.lit(0).cast("long").alias("pair_id"),
             F.col("pos").cast("int").alias("position")).where(F.col("item_idx").isNotNull()))
     session = positives.sparkSession
-    n_buckets = _BUCKETS_PER_PARTITION * int(session.conf.get("spark.sql.shuffle.partitions"))
+    if n_buckets is None:
+        n_buckets = _BUCKETS_PER_PARTITION * int(session.conf.get("spark.sql.shuffle.partitions"))
     bucket = F.pmod(F.xxhash64(F.col("user_idx").cast("long")), F.lit(n_buckets)).alias("_tl_bucket")
     grouped = rows.select(bucket, *[F.col(name) for name in ("role", "user_idx", "item_idx", "pair_id", "position")]
                           ).groupBy("_tl_bucket")
     if layout == "rows":
         return _as_negatives(grouped.applyInArrow(partial(_sample_group, plan), _OUTPUT_DDL))
     return _as_negative_lists(grouped.applyInArrow(partial(_sample_group_lists, plan), _LISTS_DDL))
+
+
+def negative_buckets(spark_parallelism: int, shuffle_partitions: int, pairs: int) -> int:
+    """Buckets (``applyInArrow`` groups) for ``pairs`` positive pairs: about
+    ``_PAIRS_PER_BUCKET`` pairs each, at least two per core so both cores work, at most 4 per
+    shuffle partition. Every group costs a Python call and an Arrow round trip, so a small
+    input in hundreds of tiny groups spends its time on overhead, not on sampling."""
+    wanted = math.ceil(max(pairs, 0) / _PAIRS_PER_BUCKET)
+    return max(2 * max(spark_parallelism, 1), min(_BUCKETS_PER_PARTITION * max(shuffle_partitions, 1), wanted))
 
 
 def negative_counts(negatives: DataFrame) -> dict[str, int]:

@@ -52,7 +52,12 @@ from spark_features.features import (
     with_prefix_columns,
 )
 from spark_features.ingest import column_roles
-from spark_features.negatives import negative_counts, parse_negative_specs, sample_negative_lists
+from spark_features.negatives import (
+    negative_buckets,
+    negative_counts,
+    parse_negative_specs,
+    sample_negative_lists,
+)
 from spark_features.pairs import (
     SPLITS,
     assign_leave_last_out,
@@ -218,6 +223,8 @@ def build_training_data(
         negatives = sample_negative_lists(
             positives.select("pair_id", "user_idx", "item_idx"), positives.select("user_idx", "item_idx"), catalog,
             negative_specs, seed=config.seed, ranked=ranked, ranked_share=config.hard_ranked_share,
+            n_buckets=negative_buckets(spark.sparkContext.defaultParallelism,
+                                       int(spark.conf.get("spark.sql.shuffle.partitions")), sum(split_counts.values())),
         )
     base = attach_negatives(base, negatives).persist(StorageLevel.MEMORY_AND_DISK)
     if negatives is not None:

@@ -17,6 +17,7 @@ from pyspark.sql import functions as F
 from spark_features.negatives import (
     NEGATIVES_SCHEMA,
     NegativeSpec,
+    negative_buckets,
     negative_counts,
     parse_negative_specs,
     sample_negative_lists,
@@ -385,6 +386,22 @@ def test_same_seed_gives_identical_rows_for_any_partitioning(spark, world, sampl
         assert _as_tuples(again) == rows
     finally:
         spark.conf.set("spark.sql.shuffle.partitions", previous)
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("n_buckets", [1, 3, 64])
+def test_the_bucket_count_never_changes_the_rows(world, sampled, n_buckets):
+    assert _sample(world, seed=SEED, n_buckets=n_buckets) == sampled[1]
+
+
+def test_negative_buckets_follow_the_pairs_between_two_per_core_and_four_per_partition():
+    assert negative_buckets(2, 64, 100_000) == 4  # MovieLens-100K: 4 groups, not 256
+    assert negative_buckets(2, 64, 1_000_000) == 40
+    assert negative_buckets(2, 64, 10_000_000) == 256  # capped at 4 per shuffle partition
+    assert negative_buckets(2, 8, 1_000_000) == 32
+    assert negative_buckets(16, 64, 0) == 32  # never fewer than two per core
+    with pytest.raises(ValueError, match="n_buckets must be an int >= 1, got 0"):
+        sample_negatives(None, None, None, SPECS, n_buckets=0)  # refused before any input is read
 
 
 @pytest.mark.spark
