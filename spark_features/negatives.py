@@ -166,6 +166,8 @@ def sample_negatives(
     ranked: DataFrame | None = None,
     ranked_share: float = DEFAULT_RANKED_SHARE,
     n_buckets: int | None = None,
+    *,
+    layout: Literal["rows", "lists"] = "rows",
 ) -> DataFrame:
     """Negatives for each positive pair, one row per negative, as :data:`NEGATIVES_SCHEMA`.
 
@@ -186,41 +188,11 @@ def sample_negatives(
     now; everything else is lazy: nothing runs until an action, so cache or write the result
     if it is used more than once. ``n_buckets`` (default 4 x the shuffle partitions; see
     :func:`negative_buckets`) sets how many groups the users are sampled in; it never changes
-    the rows.
+    the rows. ``layout="lists"``: the same negatives one row per pair that got any, as
+    :data:`NEGATIVE_LISTS_SCHEMA` (see :func:`sample_negative_lists`).
     """
-    return _sample(positives, user_items, items, specs, seed, hard_top_categories, max_attempts, oversample,
-                   ranked, ranked_share, n_buckets, layout="rows")
-
-
-def sample_negative_lists(
-    positives: DataFrame,
-    user_items: DataFrame,
-    items: DataFrame,
-    specs: Sequence[NegativeSpec],
-    seed: int = 0,
-    hard_top_categories: int = 2,
-    max_attempts: int = 4,
-    oversample: int = DEFAULT_OVERSAMPLE,
-    ranked: DataFrame | None = None,
-    ranked_share: float = DEFAULT_RANKED_SHARE,
-    n_buckets: int | None = None,
-) -> DataFrame:
-    """The negatives of :func:`sample_negatives` (same arguments, same draws) one row per
-    pair that got any, as :data:`NEGATIVE_LISTS_SCHEMA`: ``pair_id``, ``neg_item_idx``
-    array<int> and ``neg_kind`` array<string>, ordered by kind name, then ``neg_rank`` (the
-    pairs tables' layout). Built inside the sampling function, so the training build needs
-    no shuffle and sort of one row per negative to regroup them."""
-    return _sample(positives, user_items, items, specs, seed, hard_top_categories, max_attempts, oversample,
-                   ranked, ranked_share, n_buckets, layout="lists")
-
-
-def _sample(positives: DataFrame, user_items: DataFrame, items: DataFrame, specs: Sequence[NegativeSpec],
-            seed: int, hard_top_categories: int, max_attempts: int, oversample: int, ranked: DataFrame | None,
-            ranked_share: float, n_buckets: int | None, *, layout: Literal["rows", "lists"]) -> DataFrame:
-    empty = (lambda: _as_negatives(positives.limit(0).select(*_empty_negative_columns()))) if layout == "rows" else (
-        lambda: _as_negative_lists(positives.limit(0).select(
-            "pair_id", F.array().cast("array<int>").alias("neg_item_idx"),
-            F.array().cast("array<string>").alias("neg_kind"))))
+    if layout not in ("rows", "lists"):
+        raise ValueError(f"sample_negatives layout must be 'rows' or 'lists', got {layout!r}")
     specs = _validate_specs(specs)
     _require_int("seed", seed, 0, _MAX_SEED)
     _require_int("hard_top_categories", hard_top_categories, 1)
@@ -236,12 +208,12 @@ def _sample(positives: DataFrame, user_items: DataFrame, items: DataFrame, specs
     if isinstance(ranked_share, bool) or not isinstance(ranked_share, int | float) or not 0 <= ranked_share <= 1:
         raise ValueError(f"sample_negatives ranked_share must be a number in [0, 1], got {ranked_share!r}")
     if not specs:
-        return empty()
+        return _no_negatives(positives, layout)
 
     catalog = _Catalog.from_arrow(items.toArrow())
     with_hard = any(spec.kind == "hard" for spec in specs)
     if catalog.n_items == 0:
-        return empty()
+        return _no_negatives(positives, layout)
     plan = _SamplePlan(
         specs=tuple((spec.kind, spec.count) for spec in specs), seed=seed, hard_top_categories=hard_top_categories,
         max_attempts=max_attempts, oversample=oversample, ranked_share=float(ranked_share), catalog=catalog,
@@ -266,6 +238,22 @@ def _sample(positives: DataFrame, user_items: DataFrame, items: DataFrame, specs
     if layout == "rows":
         return _as_negatives(grouped.applyInArrow(partial(_sample_group, plan), _OUTPUT_DDL))
     return _as_negative_lists(grouped.applyInArrow(partial(_sample_group_lists, plan), _LISTS_DDL))
+
+
+def sample_negative_lists(*args, **kwargs) -> DataFrame:
+    """:func:`sample_negatives` (same arguments, same draws) with ``layout="lists"``: one row
+    per pair that got any negative, ``pair_id``, ``neg_item_idx`` array<int>, ``neg_kind``
+    array<string>, ordered by kind name, then ``neg_rank`` (the pairs tables' layout). Built
+    inside the sampling function, so the training build needs no shuffle and sort of one row
+    per negative to regroup them."""
+    return sample_negatives(*args, layout="lists", **kwargs)
+
+
+def _no_negatives(positives: DataFrame, layout: str) -> DataFrame:
+    if layout == "rows":
+        return _as_negatives(positives.limit(0).select(*_empty_negative_columns()))
+    return _as_negative_lists(positives.limit(0).select(
+        "pair_id", F.array().cast("array<int>").alias("neg_item_idx"), F.array().cast("array<string>").alias("neg_kind")))
 
 
 def negative_buckets(spark_parallelism: int, shuffle_partitions: int, pairs: int) -> int:
@@ -594,18 +582,18 @@ def _group_draws(plan: _SamplePlan, table: pa.Table):
 def _sample_group_lists(plan: _SamplePlan, table: pa.Table) -> pa.Table:
     """:func:`_sample_group`'s negatives as ``_LISTS_DDL``: one row per pair with any, the
     kinds in name order (as ``sort_array`` of (kind, rank, item) would put them), ranks in order."""
-    names = sorted(kind for kind, _ in plan.specs)
+    names = pa.array(sorted(kind for kind, _ in plan.specs), pa.string())
     pieces = []
     for draws in _group_draws(plan, table):
-        draws = sorted(draws, key=lambda d: d[0])
+        draws = sorted(draws, key=lambda d: d[0])  # kind name order: draw i has code i in names
         pair_ids = draws[0][2]
         chosen = np.hstack([d[4] for d in draws])
         keep = np.hstack([np.arange(d[1])[None, :] < d[5][:, None] for d in draws])
-        codes = np.hstack([np.full((pair_ids.size, d[1]), names.index(d[0]), np.int8) for d in draws])
+        codes = np.hstack([np.full((pair_ids.size, d[1]), code, np.int8) for code, d in enumerate(draws)])
         lengths = keep.sum(axis=1)
         has = lengths > 0
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths[has])]).astype(np.int32), pa.int32())
-        kinds = pa.DictionaryArray.from_arrays(pa.array(codes[keep], pa.int8()), pa.array(names, pa.string()))
+        kinds = pa.DictionaryArray.from_arrays(pa.array(codes[keep], pa.int8()), names)
         pieces.append(pa.table({
             "pair_id": pa.array(pair_ids[has], pa.int64()),
             "neg_item_idx": pa.ListArray.from_arrays(offsets, pa.array(chosen[keep].astype(np.int32), pa.int32())),
