@@ -56,6 +56,7 @@ from spark_features.negatives import parse_negative_specs, sample_negative_lists
 from spark_features.pairs import label_positives, max_same_time_events, pair_id_column, with_history
 from spark_features.training_data import (
     attach_negatives,
+    categorical_vocab_updates,
     entity_features,
     item_feature_rows,
     pair_rows,
@@ -63,7 +64,7 @@ from spark_features.training_data import (
     user_feature_rows,
     with_all_ids,
 )
-from spark_features.vocab import load_vocab, update_vocab
+from spark_features.vocab import load_vocab, update_vocabs
 from spark_features.window_past import USER_STATE_COLUMNS, WindowPast, indexed_events
 
 INCREMENTAL_PAIRS = "pairs/incremental"
@@ -140,17 +141,13 @@ def build_incremental(
     done("read window", f"{report.events:,} events")
 
     # 1. vocabularies grow; nothing already indexed moves
-    report.new_users = update_vocab(io, lake, "user_id", window_events.select(F.col("user_id").alias("value")),
-                                    config.id_min_count, window_key).added
-    report.new_items = update_vocab(io, lake, "item_id", window_events.select(F.col("item_id").alias("value")),
-                                    config.id_min_count, window_key).added
-    for frame, cols in ((touched_user_rows, user_cols), (touched_item_rows, item_cols)):
-        for col in cols:
-            if col.vocab is not None:
-                values = frame.select(
-                    (F.explode_outer(col.column) if col.kind == "multi_valued" else F.col(col.column)).alias("value")
-                ).select(F.col("value").cast("string"))
-                update_vocab(io, lake, col.vocab, values, config.categorical_min_count, window_key)
+    grown = update_vocabs(io, lake, {
+        "user_id": (window_events.select(F.col("user_id").alias("value")), config.id_min_count),
+        "item_id": (window_events.select(F.col("item_id").alias("value")), config.id_min_count),
+        **categorical_vocab_updates(((touched_user_rows, user_cols), (touched_item_rows, item_cols)),
+                                    config.categorical_min_count),
+    }, window_key)  # one counting pass for all of them
+    report.new_users, report.new_items = grown["user_id"].added, grown["item_id"].added
     done("vocabularies", f"new users={report.new_users:,}, new items={report.new_items:,}")
 
     # 2. the touched users' and items' past: their state rows plus only their events since

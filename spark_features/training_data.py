@@ -68,7 +68,7 @@ from spark_features.pairs import (
     seen_before,
     with_history,
 )
-from spark_features.vocab import VocabInfo, index_array_column, index_column, load_vocab, update_vocab
+from spark_features.vocab import VocabInfo, index_array_column, index_column, load_vocab, update_vocabs
 
 MIN_PAIR_FILES = 16
 FEATURE_ROWS_PER_FILE = 250_000
@@ -146,16 +146,9 @@ def build_training_data(
     item_values = interactions.select(F.col("item_id").alias("value"))
     if items is not None:
         item_values = item_values.unionByName(items.select(F.col("item_id").alias("value")))
-    vocabs["user_id"] = update_vocab(io, lake, "user_id", user_values, config.id_min_count, run_key)
-    vocabs["item_id"] = update_vocab(io, lake, "item_id", item_values, config.id_min_count, run_key)
-    for frame, cols in ((users, user_cols), (items, item_cols)):
-        for col in cols:
-            if col.vocab is None:
-                continue
-            values = frame.select(
-                (F.explode_outer(col.column) if col.kind == "multi_valued" else F.col(col.column)).alias("value")
-            ).select(F.col("value").cast("string"))
-            vocabs[col.vocab] = update_vocab(io, lake, col.vocab, values, config.categorical_min_count, run_key)
+    updates = {"user_id": (user_values, config.id_min_count), "item_id": (item_values, config.id_min_count),
+               **categorical_vocab_updates(((users, user_cols), (items, item_cols)), config.categorical_min_count)}
+    vocabs.update(update_vocabs(io, lake, updates, run_key))  # one counting pass for all of them
     done("vocabularies", ", ".join(f"{k}={v.size}" for k, v in vocabs.items()))
 
     # ---- indexed events with history, labels, splits
@@ -281,6 +274,21 @@ def build_training_data(
 
 def _feature_files(rows: int) -> int:
     return max(1, math.ceil(rows / FEATURE_ROWS_PER_FILE))
+
+
+def categorical_vocab_updates(frames_and_columns, min_count: int) -> dict[str, tuple[DataFrame, int]]:
+    """``update_vocabs`` input for the categorical and multi-valued columns of each (bronze
+    frame, planned columns) pair: one occurrence row per value (array elements exploded)."""
+    updates = {}
+    for frame, cols in frames_and_columns:
+        for col in cols:
+            if col.vocab is None:
+                continue
+            values = frame.select(
+                (F.explode_outer(col.column) if col.kind == "multi_valued" else F.col(col.column)).alias("value")
+            ).select(F.col("value").cast("string"))
+            updates[col.vocab] = (values, min_count)
+    return updates
 
 
 def pair_rows(positives: DataFrame, user_static: DataFrame, extra: list[str] | None = None) -> DataFrame:
@@ -434,5 +442,5 @@ def _negative_mix(pairs: DataFrame) -> dict[str, dict[str, int]]:
     return mix
 
 
-__all__ = ["BuildReport", "attach_negatives", "build_training_data", "entity_features", "negative_counts",
+__all__ = ["BuildReport", "attach_negatives", "build_training_data", "categorical_vocab_updates", "entity_features", "negative_counts",
            "pair_rows"]

@@ -25,6 +25,10 @@ rows (values unique and not blank, indices exactly ``max + 1 .. max + n``) and t
 old table's row count and max index come from the Delta log's file statistics, not a job.
 Only scalars reach the driver.
 
+A build updates all its vocabularies (ids, every categorical column) with ONE
+``update_vocabs`` call: the counting, the anti-joins and the checks of all of them run as one
+Spark pass grouped by vocabulary; only the writes stay one pinned commit per vocabulary.
+
 Files: every update that adds values adds one file, so the file count grows with the number
 of such updates, not with the data. It is bounded by compaction: an update that finds more
 than ``COMPACT_ABOVE_FILES`` small files (beyond one per ``max_records_per_file`` rows)
@@ -42,7 +46,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import reduce
 from typing import Literal
 
 from pyspark import StorageLevel
@@ -72,6 +77,7 @@ __all__ = [
     "load_vocab",
     "rank_new_values",
     "update_vocab",
+    "update_vocabs",
     "vocab_table",
 ]
 
@@ -96,6 +102,8 @@ COMPACT_ABOVE_FILES = 32
 _APP_ID = "towerlake.vocab"
 
 _VALUE = "_tl_vocab_value"
+_NAME = "_tl_vocab_name"
+_MIN = "_tl_vocab_min_count"
 _INDEX = "_tl_vocab_index"
 _MAP = "_tl_vocab_map"
 _ROW = "_tl_row_id"
@@ -140,64 +148,115 @@ def update_vocab(
     rows assigned and checked) and ``"staged"`` (delta-rs: files written, not committed;
     native: version re-checked, just before Spark's write-and-commit).
     """
-    table = vocab_table(name)
-    _check_min_count(min_count)
+    return update_vocabs(io, lake, {name: (values, min_count)}, run_key,
+                         compact_above_files=compact_above_files, _race_hook=_race_hook)[name]
+
+
+def update_vocabs(
+    io: DeltaLakeIO,
+    lake: Lake,
+    updates: Mapping[str, tuple[DataFrame, int]],
+    run_key: str = "full",
+    *,
+    compact_above_files: int = COMPACT_ABOVE_FILES,
+    _race_hook: RaceHook | None = None,
+) -> dict[str, VocabInfo]:
+    """:func:`update_vocab` for several vocabularies at once: ``updates`` maps a vocabulary
+    name to ``(values, min_count)``; returns ``{name: VocabInfo}`` in the same order.
+
+    Every vocabulary gets exactly the rows, indices and commit that ``update_vocab`` alone
+    would give it, but the counting, the anti-join against the old rows and the check of the
+    new rows run as ONE Spark pass for all of them (grouped by vocabulary), so a build with
+    seven vocabularies pays for one counting job, not seven; only the writes stay one per
+    vocabulary that adds values (each its own pinned commit, see :func:`update_vocab`). A
+    commit conflict on one vocabulary leaves those committed before it as they are (a re-run
+    adds nothing to them) and writes none after it.
+    """
     if not isinstance(run_key, str) or not run_key.strip():
         raise ValueError(f"run_key must be a non-empty string such as 'full' or '2026-01-05T13', got {run_key!r}")
     if isinstance(compact_above_files, bool) or not isinstance(compact_above_files, int) or compact_above_files < 1:
         raise ValueError(f"compact_above_files must be an integer >= 1, got {compact_above_files!r}")
-    _check_column_type(values, "value", T.StringType(), "values")
-
-    uri = lake.table(table)
-    read_version = table_version(uri)
-    if read_version is None:
-        old = _empty(io.spark, VOCAB_SCHEMA)
-        state = _OldState(rows=0, max_index=0, files=0, schema_json=None, newest_file=None)
-    else:
-        old = io.read_table(uri, read_version)
-        state = _old_state(uri, read_version) or _old_state_by_spark(old, uri, read_version)
-
-    # The only pass over the old rows: the anti-join that keeps the values they lack.
-    fresh = rank_new_values(count_values(values, min_count), old).persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        added = _check_new_rows(fresh, name)
-        if added == 0:
-            old_min_count = _newest_min_count(old, state) if read_version is not None else min_count
-            log.info("vocab %s: no new values (version %s, %d values): nothing written", name, read_version, state.rows)
-            return VocabInfo(
-                name=name, size=state.max_index + 1, num_values=state.rows,
-                min_count=old_min_count, version=read_version,
-            )
-        if _race_hook is not None:
-            _race_hook("planned")
-        new_rows = _conform(_with_indices(fresh, state.max_index, min_count, run_key))
-        compact = read_version is not None and state.files > compact_above_files + state.rows // io.max_records_per_file
+    plans: dict[str, _Plan] = {}
+    occurrences = []
+    for name, (values, min_count) in updates.items():
+        table = vocab_table(name)
+        _check_min_count(min_count)
+        _check_column_type(values, "value", T.StringType(), "values")
+        uri = lake.table(table)
+        read_version = table_version(uri)
         if read_version is None:
-            result = _commit(io, new_rows.coalesce(1).sortWithinPartitions("index"), uri, None, "overwrite",
-                             None, _race_hook)
-        elif compact:
-            full = _conform(old.unionByName(new_rows))
-            rows, max_index = check_vocab_extends(old, full)  # a rewrite re-checks every old row
-            if rows != state.rows + added or max_index != state.max_index + added:
-                raise VocabInvariantError(
-                    f"vocab {name}: compacting version {read_version} ({state.rows} values up to index "
-                    f"{state.max_index}) plus {added} new value(s) gives {rows} values up to index {max_index}; "
-                    "nothing was written"
-                )
-            # One file set (split at maxRecordsPerFile), in index order.
-            result = _commit(io, full.coalesce(1).sortWithinPartitions("index"), uri, read_version, "overwrite",
-                             state.schema_json, _race_hook)
+            old, state = None, _OldState(rows=0, max_index=0, files=0, schema_json=None, newest_file=None)
         else:
-            result = _commit(io, new_rows.coalesce(1).sortWithinPartitions("index"), uri, read_version, "append",
-                             state.schema_json, _race_hook)
+            old = io.read_table(uri, read_version)
+            state = _old_state(uri, read_version) or _old_state_by_spark(old, uri, read_version)
+        plans[name] = _Plan(uri=uri, read_version=read_version, old=old, state=state, min_count=min_count)
+        occurrences.append(values.select(F.lit(name).alias(_NAME), F.lit(min_count).alias(_MIN), "value"))
+    if not plans:
+        return {}
+    olds = [p.old.select(F.lit(n).alias(_NAME), "value") for n, p in plans.items() if p.old is not None]
+    old_values = _union(olds) if olds else _empty(io.spark, T.StructType(
+        [T.StructField(_NAME, T.StringType()), T.StructField("value", T.StringType())]))
+    # The only pass over the old rows: the anti-join that keeps the values they lack.
+    fresh_all = rank_new_values(_count_occurrences(_union(occurrences), [_NAME]), old_values, by=_NAME
+                                ).persist(StorageLevel.MEMORY_AND_DISK)
+    infos: dict[str, VocabInfo] = {}
+    try:
+        added_by_name = _check_new_rows(fresh_all, list(plans))
+        for name, plan in plans.items():
+            infos[name] = _write_new_rows(io, name, plan, added_by_name.get(name, 0),
+                                          fresh_all.where(F.col(_NAME) == name).drop(_NAME), run_key,
+                                          compact_above_files, _race_hook)
     finally:
-        fresh.unpersist()
+        fresh_all.unpersist()
+    return infos
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """One vocabulary of an update: where it is, the version read and what that holds."""
+
+    uri: str
+    read_version: int | None
+    old: DataFrame | None  # the rows at read_version (None: no table yet)
+    state: _OldState
+    min_count: int
+
+
+def _write_new_rows(io: DeltaLakeIO, name: str, plan: _Plan, added: int, fresh: DataFrame, run_key: str,
+                    compact_above_files: int, race_hook: RaceHook | None) -> VocabInfo:
+    """Commit the ``added`` checked new rows ``fresh`` (``rank_new_values`` rows) of one vocabulary."""
+    read_version, state, min_count = plan.read_version, plan.state, plan.min_count
+    if added == 0:
+        old_min_count = _newest_min_count(plan.old, state) if plan.old is not None else min_count
+        log.info("vocab %s: no new values (version %s, %d values): nothing written", name, read_version, state.rows)
+        return VocabInfo(name=name, size=state.max_index + 1, num_values=state.rows, min_count=old_min_count,
+                         version=read_version)
+    if race_hook is not None:
+        race_hook("planned")
+    new_rows = _conform(_with_indices(fresh, state.max_index, min_count, run_key))
+    compact = plan.old is not None and state.files > compact_above_files + state.rows // io.max_records_per_file
+    if plan.old is None:
+        result = _commit(io, new_rows.coalesce(1).sortWithinPartitions("index"), plan.uri, None, "overwrite",
+                         None, race_hook)
+    elif compact:
+        full = _conform(plan.old.unionByName(new_rows))
+        rows, max_index = check_vocab_extends(plan.old, full)  # a rewrite re-checks every old row
+        if rows != state.rows + added or max_index != state.max_index + added:
+            raise VocabInvariantError(
+                f"vocab {name}: compacting version {read_version} ({state.rows} values up to index "
+                f"{state.max_index}) plus {added} new value(s) gives {rows} values up to index {max_index}; "
+                "nothing was written"
+            )
+        # One file set (split at maxRecordsPerFile), in index order.
+        result = _commit(io, full.coalesce(1).sortWithinPartitions("index"), plan.uri, read_version, "overwrite",
+                         state.schema_json, race_hook)
+    else:
+        result = _commit(io, new_rows.coalesce(1).sortWithinPartitions("index"), plan.uri, read_version, "append",
+                         state.schema_json, race_hook)
     log.info("vocab %s: added %d values (indices %d..%d, min_count %d, %s) -> %s",
              name, added, state.max_index + 1, state.max_index + added, min_count, run_key, result.describe())
-    return VocabInfo(
-        name=name, size=state.max_index + added + 1, num_values=state.rows + added,
-        min_count=min_count, version=result.version, added=added,
-    )
+    return VocabInfo(name=name, size=state.max_index + added + 1, num_values=state.rows + added,
+                     min_count=min_count, version=result.version, added=added)
 
 
 def count_values(values: DataFrame, min_count: int = 1) -> DataFrame:
@@ -205,24 +264,34 @@ def count_values(values: DataFrame, min_count: int = 1) -> DataFrame:
 
     Nulls and blank strings (empty or whitespace only) are not values.
     """
+    return _count_occurrences(values.select(F.lit(min_count).alias(_MIN), "value"), [])
+
+
+def _count_occurrences(occurrences: DataFrame, keys: list[str]) -> DataFrame:
+    """``(*keys, value, count)`` of ``occurrences`` (``*keys``, ``_MIN``, ``value``; ``_MIN``
+    constant per key): one grouped pass, groups seen fewer than their ``_MIN`` times dropped."""
     value = F.col("value")
     return (
-        values.select(value)
-        .where(value.isNotNull() & ~value.rlike(r"(?U)^\s*$"))
-        .groupBy("value")
+        occurrences.where(value.isNotNull() & ~value.rlike(r"(?U)^\s*$"))
+        .groupBy(*keys, _MIN, "value")
         .agg(F.count(F.lit(1)).alias("count"))
-        .where(F.col("count") >= min_count)
+        .where(F.col("count") >= F.col(_MIN))
+        .select(*keys, "value", "count")
     )
 
 
-def rank_new_values(counts: DataFrame, old: DataFrame) -> DataFrame:
+def rank_new_values(counts: DataFrame, old: DataFrame, *, by: str | None = None) -> DataFrame:
     """``(value, rank long, count long)`` for the values of ``counts`` that ``old`` lacks, ranked
-    ``1, 2, ...`` by count descending, then value ascending (the order new indices follow)."""
-    fresh = counts.join(old.select("value"), "value", "left_anti")
-    # One window over all new values of ONE update (catalog-sized, not event-sized): a single
-    # partition is what makes the numbering dense and deterministic.
-    order = Window.orderBy(F.col("count").desc(), F.col("value").asc())
+    ``1, 2, ...`` by count descending, then value ascending (the order new indices follow).
+    ``by``: a column of both naming the vocabulary (several at once): the anti-join and the
+    numbering are per value of ``by``, which is kept as the first column."""
+    keys = [by] if by else []
+    fresh = counts.join(old.select(*keys, "value"), [*keys, "value"], "left_anti")
+    # One window over all new values of ONE vocabulary (catalog-sized, not event-sized): a
+    # single partition per vocabulary is what makes the numbering dense and deterministic.
+    order = Window.partitionBy(*keys).orderBy(F.col("count").desc(), F.col("value").asc())
     return fresh.select(
+        *keys,
         "value",
         F.row_number().over(order).cast("long").alias("rank"),
         F.col("count").cast("long").alias("count"),
@@ -249,16 +318,17 @@ def _with_indices(ranked: DataFrame, after_index: int, min_count: int, run_key: 
     )
 
 
-def _check_new_rows(ranked: DataFrame, name: str) -> int:
-    """Check the new rows of one update (``rank_new_values``) in one small job, O(new rows):
-    values unique and not blank, ranks exactly ``1..n``. Returns n; raises
-    ``VocabInvariantError`` naming what is wrong otherwise.
+def _check_new_rows(ranked: DataFrame, names: list[str]) -> dict[str, int]:
+    """Check the new rows of one update (``rank_new_values(..., by=_NAME)``) in one small job,
+    O(new rows): per vocabulary, values unique and not blank, ranks exactly ``1..n``. Returns
+    ``{name: n}`` (names without new rows absent); raises ``VocabInvariantError`` naming the
+    vocabulary and what is wrong otherwise.
 
     That the values are not in the vocabulary already is the anti-join against the very
     snapshot the commit is planned on; the old rows are never rewritten by an append.
     """
     value, rank = F.col("value"), F.col("rank")
-    stats = ranked.agg(
+    per_name = ranked.groupBy(_NAME).agg(
         F.count(F.lit(1)).alias("rows"),
         F.count_distinct(value).alias("values"),
         F.count_distinct(rank).alias("ranks"),
@@ -266,21 +336,25 @@ def _check_new_rows(ranked: DataFrame, name: str) -> int:
         F.max(rank).alias("max_rank"),
         F.count(F.when(value.isNull(), 1)).alias("nulls"),
         F.count(F.when(value.isNull() | value.rlike(r"(?U)^\s*$"), 1)).alias("blank"),
-    ).first()
-    rows = int(stats["rows"])
-    problems = []
-    if stats["blank"]:
-        problems.append(f"{stats['blank']} null or blank value(s)")
-    if stats["values"] + stats["nulls"] != rows:  # count_distinct skips nulls
-        problems.append(f"duplicate values ({rows} new rows, {stats['values']} distinct values)")
-    if rows and (stats["ranks"] != rows or stats["min_rank"] != 1 or stats["max_rank"] != rows):
-        problems.append(
-            f"{rows} new rows numbered {stats['min_rank']}..{stats['max_rank']} with {stats['ranks']} distinct "
-            "numbers (must be exactly 1..n)"
-        )
-    if problems:
-        raise VocabInvariantError(f"vocab {name}: write refused: " + "; ".join(problems) + "; nothing was written")
-    return rows
+    ).collect()  # one row per vocabulary
+    added = {}
+    for stats in sorted(per_name, key=lambda row: names.index(row[_NAME])):
+        rows = int(stats["rows"])
+        problems = []
+        if stats["blank"]:
+            problems.append(f"{stats['blank']} null or blank value(s)")
+        if stats["values"] + stats["nulls"] != rows:  # count_distinct skips nulls
+            problems.append(f"duplicate values ({rows} new rows, {stats['values']} distinct values)")
+        if rows and (stats["ranks"] != rows or stats["min_rank"] != 1 or stats["max_rank"] != rows):
+            problems.append(
+                f"{rows} new rows numbered {stats['min_rank']}..{stats['max_rank']} with {stats['ranks']} distinct "
+                "numbers (must be exactly 1..n)"
+            )
+        if problems:
+            raise VocabInvariantError(
+                f"vocab {stats[_NAME]}: write refused: " + "; ".join(problems) + "; nothing was written")
+        added[stats[_NAME]] = rows
+    return added
 
 
 def check_vocab_extends(old: DataFrame, new: DataFrame) -> tuple[int, int]:
@@ -580,6 +654,10 @@ def _with_output(columns: list[str], out: str, expr: Column) -> list[Column]:
 def _col(name: str) -> Column:
     """A top-level column by its exact name (dots in a name are not struct access)."""
     return F.col("`" + name.replace("`", "``") + "`")
+
+
+def _union(frames: list[DataFrame]) -> DataFrame:
+    return reduce(DataFrame.unionByName, frames)
 
 
 def _empty(spark: SparkSession, schema: T.StructType) -> DataFrame:

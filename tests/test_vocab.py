@@ -152,6 +152,45 @@ def test_later_update_keeps_every_old_index_appends_after_max_and_reruns_as_noop
     ]
 
 
+@pytest.mark.spark
+def test_update_vocabs_gives_each_vocabulary_what_update_vocab_alone_gives_it(spark, io, lake, lake_root):
+    """One counting pass for several vocabularies, each in its own state (new, extended, nothing
+    to add, nothing reaching the threshold): the same rows, indices and versions, value by
+    value, as one update_vocab call per vocabulary on a twin lake."""
+    from lake_contract.lake import Lake
+    from spark_features.vocab import update_vocab, update_vocabs
+
+    hour = ("f", "a", "d", "e", "f", "g", "e", "d", "f", "a", "e", "d", "g", "f")
+    twin = Lake(str(lake_root / "one-by-one"))
+    for target in (lake, twin):
+        _seed_vocab(io, target, "item_id", DAY_ONE_ROWS)
+        _seed_vocab(io, target, "users.gender", [("F", 1, 5, 1, "full"), ("M", 2, 4, 1, "full")])
+    updates = {
+        "user_id": (_occurrences(spark, *DAY_ONE), 2),  # no table yet: created
+        "item_id": (_occurrences(spark, *hour), 3),  # extended after its max index
+        "users.gender": (_occurrences(spark, "M", "F", None, "F"), 1),  # nothing new: no version
+        "items.genres": (_occurrences(spark, "x", "y"), 2),  # nothing reaches 2: no table
+    }
+
+    together = update_vocabs(io, lake, updates, run_key=HOUR)
+    alone = {name: update_vocab(io, twin, name, values, min_count, run_key=HOUR)
+             for name, (values, min_count) in updates.items()}
+
+    assert list(together) == list(updates)
+    assert together == alone
+    assert together["item_id"] == VocabInfo("item_id", size=7, num_values=6, min_count=3, version=1, added=3)
+    assert together["users.gender"] == VocabInfo("users.gender", size=3, num_values=2, min_count=1, version=0)
+    assert together["items.genres"] == VocabInfo("items.genres", size=1, num_values=0, min_count=2, version=None)
+    assert _table_rows(lake, "user_id") == [(v, i, c, m, HOUR) for v, i, c, m, _ in DAY_ONE_ROWS]
+    assert _table_rows(lake, "item_id") == [
+        *DAY_ONE_ROWS, ("f", 4, 4, 3, HOUR), ("d", 5, 3, 3, HOUR), ("e", 6, 3, 3, HOUR)]
+    for name in ("user_id", "item_id", "users.gender"):
+        assert _table_rows(lake, name) == _table_rows(twin, name)
+        assert _version(lake, name) == _version(twin, name)
+    assert _version(lake, "items.genres") is None
+    assert update_vocabs(io, lake, {}, run_key=HOUR) == {}
+
+
 def test_registry_reads_every_vocab_table_without_spark(lake_root):
     """Tables written by delta-rs alone (no Spark): sizes, mappings, thresholds, missing tables."""
     import pyarrow as pa
