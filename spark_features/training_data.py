@@ -157,7 +157,10 @@ def build_training_data(
     events = index_column(interactions, "user_id", user_vocab, "user_idx")
     events = index_column(events, "item_id", item_vocab, "item_idx")
     events = events.where((F.col("user_idx") > 0) & (F.col("item_idx") > 0))  # below min_count
-    events = label_positives(events, config.label_min_rating).persist(StorageLevel.MEMORY_AND_DISK)
+    # Only the columns the build reads (the id strings and event_date would ride along in
+    # every cache and shuffle below).
+    events = label_positives(events, config.label_min_rating).select(*_EVENT_COLUMNS).persist(
+        StorageLevel.MEMORY_AND_DISK)
     ties = max_same_time_events(events)
     hist = with_history(events, config.history_length, ties)
     positives = hist.where("is_positive").withColumn("pair_id", pair_id_column())
@@ -165,7 +168,9 @@ def build_training_data(
         positives = assign_leave_last_out(positives, config.min_positives_for_holdout)
     else:
         positives = assign_time_split(positives, config.time_cut, config.valid_cut)
-    positives = positives.persist(StorageLevel.MEMORY_AND_DISK)
+    # The wide rows (N history ids each) are cached on disk only: held in the heap next to
+    # the events and the pairs being built they ran a 4g driver out of memory at 10M events.
+    positives = positives.persist(StorageLevel.DISK_ONLY)
     split_counts = {r["split"]: int(r["count"]) for r in positives.groupBy("split").count().collect()}
     done("history + splits", f"max same-time events per user={ties}, positives per split={split_counts}")
 
@@ -219,7 +224,7 @@ def build_training_data(
             n_buckets=negative_buckets(spark.sparkContext.defaultParallelism,
                                        int(spark.conf.get("spark.sql.shuffle.partitions")), sum(split_counts.values())),
         )
-    base = attach_negatives(base, negatives).persist(StorageLevel.MEMORY_AND_DISK)
+    base = attach_negatives(base, negatives).persist(StorageLevel.DISK_ONLY)  # wide rows: see positives
     if negatives is not None:
         negative_mix = _negative_mix(base)
         if ranked is not None and any(spec.kind == "hard" for spec in negative_specs):
@@ -270,6 +275,9 @@ def build_training_data(
         bronze_versions=versions, vocabs=vocabs, written=written, pair_counts=split_counts,
         holdout_users=holdout_users, negative_mix=negative_mix, as_of=as_of, stage_seconds=timings,
     )
+
+
+_EVENT_COLUMNS = ("user_idx", "item_idx", "event_ts", "rating", "is_positive")
 
 
 def _feature_files(rows: int) -> int:
