@@ -120,6 +120,28 @@ def test_negatives_are_never_positives_of_their_user(built_lake):
     assert produced == sum(sum(m.values()) for m in report.negative_mix.values())
 
 
+def test_pair_files_are_cut_by_pair_id_hash_so_users_are_mixed_in_every_file(spark, built_lake):
+    """Each pairs file holds the rows of one Spark hash partition of ``pair_id`` (16 of them:
+    MIN_PAIR_FILES), i.e. the rows are spread by a hash unrelated to the user, not clustered
+    by the user-partitioned history window that produced them."""
+    from pyspark.sql import functions as F
+
+    from lake_contract.delta_snapshot import resolve_snapshot, snapshot_file_path
+    from spark_features.training_data import MIN_PAIR_FILES
+
+    lake_root, report = built_lake
+    for split in ("train", "valid", "test"):
+        files = [snapshot_file_path(f) for f in resolve_snapshot(str(lake_root / f"pairs/{split}")).files]
+        rows = spark.read.parquet(*files).select(
+            F.input_file_name().alias("file"), F.pmod(F.hash("pair_id"), F.lit(MIN_PAIR_FILES)).alias("part")).collect()
+        assert len(rows) == report.pair_counts[split]
+        part_of_file: dict[str, set[int]] = {}
+        for r in rows:
+            part_of_file.setdefault(r["file"], set()).add(r["part"])
+        assert all(len(parts) == 1 for parts in part_of_file.values()), part_of_file
+        assert len(part_of_file) == len({r["part"] for r in rows})  # one file per non-empty partition
+
+
 DAY2_EVENTS = [("u4", "i6", HOUR10 + 10, 5), ("u4", "i1", HOUR10 + 20, 4), ("u1", "i6", HOUR10 + 30, 5),
                ("u3", "i6", HOUR10 + 3600, 5)]  # the last one is in the next hour
 
